@@ -1,0 +1,247 @@
+"""The local store: one LMDB environment per repository.
+
+Named databases (a key's first bytes say which record it is):
+
+``meta``      format version, counters (stored bytes), configuration
+``chunks``    chunk id -> bytes
+``objects``   object id -> encoded object (manifests, trees, commits)
+``refs``      ``b"branch/NAME"`` / ``b"tag/NAME"`` -> commit id
+``inodes``    worktree inode number -> inode record (see worktree.py)
+``dirents``   parent inode + name -> child inode number + listing sequence
+``dirseq``    parent inode + listing sequence -> name (stable readdir offsets)
+``orphans``   inode number of an unlinked inode still held open
+``upload``    reserved for the S3 upload queue
+``events``    reserved for the event log
+
+Concurrency and durability rules (the rest of the code relies on them):
+
+* LMDB allows one write transaction at a time per environment, across
+  processes.  A write transaction is short: callers gather their work
+  (chunking, hashing, encoding) before opening it.  Never hold one across an
+  ``await``.
+* The environment is opened with ``sync=True``: every committed write
+  transaction is on disk when :meth:`Store.write` returns, so it survives
+  SIGKILL and power loss.  Since one durable commit costs about 0.4 ms,
+  callers batch (one transaction per flushed buffer or per close, never one
+  per FUSE ``write()``).
+* Read transactions see a consistent snapshot and never block writers.
+* A full disk or full map surfaces as :class:`StoreFull`; LMDB aborts the
+  transaction, so nothing half-written remains.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from .errors import Corrupt, FormatError, JiaoziError, StoreFull
+
+FORMAT_VERSION = 1
+DBS = (
+    "meta", "chunks", "objects", "refs", "inodes", "dirents", "dirseq", "orphans", "upload",
+    "events",
+)
+MAP_SIZE = 1 << 40  # address space only; the file grows as data arrives
+
+_U64 = struct.Struct("<Q")
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+def _be64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+class Txn:
+    """A transaction handle that knows the named databases."""
+
+    __slots__ = ("_dbs", "_new_chunk_bytes", "txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        self.txn = txn
+        self._dbs = dbs
+        self._new_chunk_bytes = 0
+
+    # generic access
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self._dbs[db])
+
+    def put(self, db: str, key: bytes, value: bytes, overwrite: bool = True) -> bool:
+        return self.txn.put(key, value, db=self._dbs[db], overwrite=overwrite)
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return self.txn.delete(key, db=self._dbs[db])
+
+    def cursor(self, db: str) -> lmdb.Cursor:
+        return self.txn.cursor(db=self._dbs[db])
+
+    def prefix(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cur = self.cursor(db)
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                break
+            yield k, v
+
+    # content
+    def get_chunk(self, cid: bytes) -> bytes | None:
+        return self.txn.get(cid, db=self._dbs["chunks"])
+
+    def has_chunk(self, cid: bytes) -> bool:
+        cur = self.txn.cursor(db=self._dbs["chunks"])
+        return cur.set_key(cid)
+
+    def put_chunk(self, cid: bytes, data: bytes | memoryview) -> bool:
+        """Store a chunk unless present; return True if it was new."""
+        added = self.txn.put(cid, data, db=self._dbs["chunks"], overwrite=False)
+        if added:
+            self._new_chunk_bytes += len(data)
+        return added
+
+    def get_object(self, oid: bytes) -> bytes | None:
+        return self.txn.get(oid, db=self._dbs["objects"])
+
+    def put_object(self, oid: bytes, data: bytes) -> bool:
+        return self.txn.put(oid, data, db=self._dbs["objects"], overwrite=False)
+
+    # counters
+    def counter(self, name: str) -> int:
+        v = self.get("meta", b"counter/" + name.encode())
+        return from_u64(v) if v else 0
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.put("meta", b"counter/" + name.encode(), u64(value))
+
+    def add_counter(self, name: str, delta: int) -> int:
+        n = self.counter(name) + delta
+        self.put("meta", b"counter/" + name.encode(), u64(n))
+        return n
+
+
+class Store:
+    """An open LMDB environment with the repository's named databases."""
+
+    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+        self.path = path
+        self.env = env
+        self.dbs = {name: env.open_db(name.encode()) for name in DBS}
+
+    @classmethod
+    def create(cls, path: Path) -> Store:
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls._open_env(path, create=True)
+        with store.write() as w:
+            if w.get("meta", b"format") is not None:
+                raise JiaoziError(f"{path} already holds a store")
+            w.put("meta", b"format", str(FORMAT_VERSION).encode())
+        return store
+
+    @classmethod
+    def open(cls, path: Path, readonly: bool = False) -> Store:
+        if not (path / "data.mdb").exists():
+            raise JiaoziError(f"no store at {path}")
+        store = cls._open_env(path, create=False, readonly=readonly)
+        with store.read() as r:
+            raw = r.get("meta", b"format")
+        try:
+            version = int(raw or b"")
+        except ValueError:
+            store.close()
+            raise FormatError(f"store at {path} has no readable format version") from None
+        if version > FORMAT_VERSION:
+            store.close()
+            raise FormatError(
+                f"store at {path} has format {version}; this jiaozifuse reads up to "
+                f"{FORMAT_VERSION}: upgrade jiaozifuse"
+            )
+        return store
+
+    @classmethod
+    def _open_env(cls, path: Path, create: bool, readonly: bool = False) -> Store:
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=MAP_SIZE,
+                max_dbs=len(DBS) + 2,
+                max_readers=256,
+                readonly=readonly,
+                create=create,
+                sync=True,
+                metasync=True,
+                readahead=False,
+                max_spare_txns=8,
+            )
+        except lmdb.Error as exc:
+            raise _translate(exc, path) from None
+        return cls(path, env)
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        with self.env.begin(buffers=False) as txn:
+            yield Txn(txn, self.dbs)
+
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        """A durable write transaction; see the module docstring for the rules."""
+        try:
+            txn = self.env.begin(write=True)
+        except lmdb.Error as exc:
+            raise _translate(exc, self.path) from None
+        t = Txn(txn, self.dbs)
+        try:
+            yield t
+            if t._new_chunk_bytes:
+                t.add_counter("chunk_bytes", t._new_chunk_bytes)
+            txn.commit()
+        except lmdb.Error as exc:
+            txn.abort()
+            raise _translate(exc, self.path) from None
+        except BaseException:
+            txn.abort()
+            raise
+
+    def sync(self) -> None:
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def disk_usage(self) -> int:
+        return self.env.info()["last_pgno"] * self.env.stat()["psize"]
+
+
+def _translate(exc: lmdb.Error, path: Path) -> JiaoziError:
+    if isinstance(exc, lmdb.MapFullError):
+        return StoreFull(f"store at {path} is full (map size reached)")
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    if code is None:
+        for num in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            if os.strerror(num) in text:
+                code = num
+                break
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"no space left for the store at {path}")
+    if code == errno.EROFS:
+        return JiaoziError(f"store at {path} is on a read-only filesystem", errno.EROFS)
+    if code == errno.EACCES:
+        return JiaoziError(f"permission denied opening the store at {path}", errno.EACCES)
+    if isinstance(exc, lmdb.CorruptedError | lmdb.InvalidError):
+        return Corrupt(f"store at {path} is corrupt: {text}")
+    return JiaoziError(f"store error at {path}: {text}", errno.EIO)
