@@ -94,9 +94,9 @@ class Repository:
         self.worktree = Worktree(store)
         #: receivers of repository events: fn(type: str, **fields)
         self.listeners: list[Callable[..., None]] = []
-        #: called as fn(branch, root_ino) when a branch's worktree is replaced
+        #: called as fn(branch, root_ino, names) when a branch's worktree is replaced
         #: (reset --hard, merge, revert): the mount drops its kernel caches.
-        self.reset_hooks: list[Callable[[str, int], None]] = []
+        self.reset_hooks: list[Callable[[str, int, list[bytes]], None]] = []
 
     # ----------------------------------------------------------- lifecycle
 
@@ -610,8 +610,10 @@ class Repository:
         """Point the branch root at *tree*, keeping the root's inode number."""
         root_ino = self.root_ino(branch, w)
         root = self.worktree._get(w, root_ino)
+        names = [e.name for e in decode_tree(self._object(w, tree)).entries]
         if root.loaded:
             for name, child in list(self.worktree._iter_dirents(w, root_ino)):
+                names.append(name)
                 self.worktree._unlink_entry(w, root_ino, name)
                 c = self.worktree._get(w, child)
                 c.links = [lk for lk in c.links if lk[0] != root_ino]
@@ -627,7 +629,7 @@ class Repository:
         root.mtime_ns = root.ctime_ns = now_ns()
         self.worktree._put(w, root)
         for hook in self.reset_hooks:
-            hook(branch, root_ino)
+            hook(branch, root_ino, sorted(set(names)))
 
     # ------------------------------------------------------ import and export
 

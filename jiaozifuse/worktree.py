@@ -760,7 +760,7 @@ class Worktree:
         for name, child in self._iter_dirents(t, ino):
             c = self._get(t, child)
             if c.is_dir:
-                ref, size = self.write_tree(t, child)
+                self.write_tree(t, child)
                 c = self._get(t, child)
             elif c.is_file and c.ref is None:
                 raise Corrupt(f"file inode {child} has no manifest")

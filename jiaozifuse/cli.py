@@ -1,0 +1,502 @@
+"""The ``jiaozifuse`` command line.
+
+Exit codes: 0 ok, 1 a user error (one line on stderr, no traceback), 2 usage.
+Every listing command takes ``--json``.  The repository comes from
+``--repo``, then ``$JIAOZIFUSE_REPO``, then the mounted branch directory the
+command runs in; the branch from ``--branch``, then that directory, then the
+repository's default branch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, control, ops
+from .errors import JiaoziError
+from .repo import Repository, find_repo
+
+
+class Ctx:
+    def __init__(self, repo: str | None, branch: str | None) -> None:
+        self.repo_arg = repo
+        self.branch_arg = branch
+
+    def locate(self) -> tuple[Path, str | None]:
+        path, branch = find_repo(self.repo_arg)
+        return path, self.branch_arg or branch
+
+    def run(self, op: str, **args: Any) -> Any:
+        """Run an operation in the daemon if one serves the repository, else here."""
+        path, _ = self.locate()
+        try:
+            return control.call(path, op, args)
+        except FileNotFoundError:
+            pass
+        with Repository.open(path) as repo:
+            return ops.run(repo, op, args)
+
+
+def repo_options(fn: Callable) -> Callable:
+    fn = click.option("--repo", "repo_opt", envvar=None, default=None, metavar="PATH",
+                      help="Repository path (default: $JIAOZIFUSE_REPO or the mount "
+                           "you are in).")(fn)
+    return fn
+
+
+def branch_option(fn: Callable) -> Callable:
+    return click.option("--branch", "-b", default=None, help="Branch to act on.")(fn)
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _ctx(obj: Ctx, repo_opt: str | None, branch: str | None = None) -> Ctx:
+    return Ctx(repo_opt or obj.repo_arg, branch or obj.branch_arg)
+
+
+def out(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human(data)
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class Group(click.Group):
+    """Turns user errors into one line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except JiaoziError as exc:
+            click.echo(f"jiaozifuse: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"jiaozifuse: {exc.strerror or exc}"
+                       + (f": {exc.filename}" if exc.filename else ""), err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__)
+@click.option("--repo", default=None, metavar="PATH", help="Repository path.")
+@click.option("--branch", "-b", default=None, help="Branch to act on.")
+@click.pass_context
+def main(ctx: click.Context, repo: str | None, branch: str | None) -> None:
+    """A versioned repository for ML data, mounted as a filesystem."""
+    ctx.obj = Ctx(repo, branch)
+
+
+# ----------------------------------------------------------------------- init
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--default-branch", default="main", show_default=True)
+def init(path: str, default_branch: str) -> None:
+    """Create a repository at PATH."""
+    Repository.init(path, default_branch).close()
+    click.echo(f"Initialised an empty repository at {Path(path).resolve()} "
+               f"(default branch {default_branch})")
+
+
+# ---------------------------------------------------------------------- mount
+
+
+@main.command()
+@click.argument("repo", type=click.Path())
+@click.argument("mountpoint", type=click.Path())
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
+@click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
+@click.option("--read-only", is_flag=True, help="Mount everything read-only.")
+@click.option("--branch", "-b", "only_branch", default=None,
+              help="Show only this branch (at MOUNTPOINT's top).")
+@click.option("--debug", is_flag=True, help="Log every FUSE request.")
+def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool,
+          only_branch: str | None, debug: bool) -> None:
+    """Mount REPO at MOUNTPOINT (returns once the mount is ready)."""
+    from .daemon import MountOptions, start
+
+    start(MountOptions(
+        repo=Path(repo).resolve(), mountpoint=Path(mountpoint).resolve(),
+        foreground=foreground, allow_other=allow_other, read_only=read_only,
+        branch=only_branch, debug=debug,
+    ))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--lazy", "-z", is_flag=True, help="Detach even if busy.")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Flush and unmount MOUNTPOINT."""
+    from .daemon import stop
+
+    stop(Path(mountpoint).resolve(), lazy)
+
+
+# --------------------------------------------------------------------- commit
+
+
+def _parse_meta(values: tuple[str, ...]) -> dict[str, str]:
+    meta = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint="--meta")
+        k, val = v.split("=", 1)
+        meta[k] = val
+    return meta
+
+
+@main.command()
+@click.option("--message", "-m", required=True)
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata.")
+@click.option("--allow-empty", is_flag=True)
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def commit(obj: Ctx, message: str, meta: tuple[str, ...], allow_empty: bool,
+           repo_opt: str | None, branch: str | None, as_json: bool) -> None:
+    """Commit the branch's uncommitted changes."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    r = c.run("commit", branch=b, message=message, meta=_parse_meta(meta),
+              allow_empty=allow_empty)
+    out(r, as_json, lambda r: click.echo(f"[{r['branch']} {r['id'][:12]}] {r['message']}"))
+
+
+@main.command()
+@click.argument("ref", required=False)
+@click.option("-n", "--max-count", "limit", type=int, default=None)
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def log(obj: Ctx, ref: str | None, limit: int | None, repo_opt: str | None,
+        branch: str | None, as_json: bool) -> None:
+    """Show commits reachable from REF (default: the branch)."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    rows = c.run("log", ref=ref or b, limit=limit)
+
+    def human(rows: list[dict]) -> None:
+        for r in rows:
+            click.echo(f"commit {r['id']}")
+            if len(r["parents"]) > 1:
+                click.echo("Merge:  " + " ".join(p[:12] for p in r["parents"]))
+            click.echo(f"Author: {r['author']}")
+            click.echo(f"Date:   {_when(r['time_ns'])}")
+            for k, v in sorted(r["meta"].items()):
+                click.echo(f"Meta:   {k}={v}")
+            click.echo("")
+            for line in r["message"].splitlines() or [""]:
+                click.echo(f"    {line}")
+            click.echo("")
+
+    out(rows, as_json, human)
+
+
+@main.command()
+@click.argument("spec")
+@repo_options
+@json_option
+@click.pass_obj
+def show(obj: Ctx, spec: str, repo_opt: str | None, as_json: bool) -> None:
+    """Show a commit (REF), or a file or directory in it (REF:PATH)."""
+    ref, _, path = spec.partition(":")
+    c = _ctx(obj, repo_opt)
+    info = c.run("show", ref=ref, path=path or None)
+    if info["type"] == "file" and not as_json:
+        path_, _ = c.locate()
+        with Repository.open(path_, readonly=True) as repo:
+            fc = repo.file_content(bytes.fromhex(info["id"]))
+            stream = click.get_binary_stream("stdout")
+            for cid, n in fc.chunk_ids():
+                stream.write(fc._entry_bytes(cid, n))
+        return
+
+    def human(i: dict) -> None:
+        if i["type"] == "commit":
+            click.echo(f"commit {i['id']}\nTree:   {i['tree']}\nAuthor: {i['author']}\n"
+                       f"Date:   {_when(i['time_ns'])}")
+            for k, v in sorted(i["meta"].items()):
+                click.echo(f"Meta:   {k}={v}")
+            click.echo("\n    " + "\n    ".join(i["message"].splitlines() or [""]))
+        elif i["type"] == "tree":
+            for e in i["entries"]:
+                suffix = "/" if e["type"] == "tree" else ""
+                click.echo(f"{e['mode']:06o} {e['size']:>12} {e['name']}{suffix}")
+        else:
+            click.echo(i["target"])
+
+    out(info, as_json, human)
+
+
+@main.command()
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def status(obj: Ctx, repo_opt: str | None, branch: str | None, as_json: bool) -> None:
+    """List what is uncommitted on the branch."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    st = c.run("status", branch=b)
+
+    def human(st: dict) -> None:
+        click.echo(f"On branch {st['branch']} (head {st['head'][:12]})")
+        if not st["changes"]:
+            click.echo("nothing to commit")
+        for ch in st["changes"]:
+            click.echo(f"  {ch['change']:>9}: {ch['path']}")
+
+    out(st, as_json, human)
+
+
+@main.command()
+@click.argument("ref_a")
+@click.argument("ref_b")
+@repo_options
+@json_option
+@click.pass_obj
+def diff(obj: Ctx, ref_a: str, ref_b: str, repo_opt: str | None, as_json: bool) -> None:
+    """List paths added, deleted or modified between two refs."""
+    rows = _ctx(obj, repo_opt).run("diff", a=ref_a, b=ref_b)
+    sign = {"added": "A", "deleted": "D", "modified": "M"}
+    out(rows, as_json, lambda rows: [click.echo(f"{sign[r['change']]}\t{r['path']}")
+                                     for r in rows])
+
+
+# ------------------------------------------------------------- branches, tags
+
+
+@main.group()
+def branch() -> None:
+    """Create, list and delete branches."""
+
+
+@branch.command("create")
+@click.argument("name")
+@click.option("--from", "from_ref", default=None, help="Start point (default: default branch).")
+@repo_options
+@json_option
+@click.pass_obj
+def branch_create(obj: Ctx, name: str, from_ref: str | None, repo_opt: str | None,
+                  as_json: bool) -> None:
+    r = _ctx(obj, repo_opt).run("branch_create", name=name, from_ref=from_ref)
+    out(r, as_json, lambda r: click.echo(f"Created branch {name} at {r['head'][:12]}"))
+
+
+@branch.command("list")
+@repo_options
+@json_option
+@click.pass_obj
+def branch_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    rows = _ctx(obj, repo_opt).run("branch_list")
+    out(rows, as_json, lambda rows: [
+        click.echo(f"{'*' if r['default'] else ' '} {r['name']:<30} {r['head'][:12]}")
+        for r in rows])
+
+
+@branch.command("delete")
+@click.argument("name")
+@repo_options
+@click.pass_obj
+def branch_delete(obj: Ctx, name: str, repo_opt: str | None) -> None:
+    _ctx(obj, repo_opt).run("branch_delete", name=name)
+    click.echo(f"Deleted branch {name}")
+
+
+@main.group()
+def tag() -> None:
+    """Create, list and delete tags."""
+
+
+@tag.command("create")
+@click.argument("name")
+@click.argument("ref", required=False)
+@repo_options
+@json_option
+@click.pass_obj
+def tag_create(obj: Ctx, name: str, ref: str | None, repo_opt: str | None,
+               as_json: bool) -> None:
+    r = _ctx(obj, repo_opt).run("tag_create", name=name, ref=ref)
+    out(r, as_json, lambda r: click.echo(f"Tagged {r['commit'][:12]} as {name}"))
+
+
+@tag.command("list")
+@repo_options
+@json_option
+@click.pass_obj
+def tag_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    rows = _ctx(obj, repo_opt).run("tag_list")
+    out(rows, as_json, lambda rows: [click.echo(f"{r['name']:<30} {r['commit'][:12]}")
+                                     for r in rows])
+
+
+@tag.command("delete")
+@click.argument("name")
+@repo_options
+@click.pass_obj
+def tag_delete(obj: Ctx, name: str, repo_opt: str | None) -> None:
+    _ctx(obj, repo_opt).run("tag_delete", name=name)
+    click.echo(f"Deleted tag {name}")
+
+
+# ----------------------------------------------------------- merge and friends
+
+
+@main.command()
+@click.argument("src")
+@click.option("--into", default=None, help="Destination branch (default: current).")
+@click.option("--message", "-m", default=None)
+@repo_options
+@json_option
+@click.pass_obj
+def merge(obj: Ctx, src: str, into: str | None, message: str | None, repo_opt: str | None,
+          as_json: bool) -> None:
+    """Merge SRC into a branch (fast-forward when possible)."""
+    c = _ctx(obj, repo_opt)
+    _, b = c.locate()
+    r = c.run("merge", src=src, into=into or b, message=message)
+    how = "fast-forward" if r["fast_forward"] else "merge commit"
+    out(r, as_json, lambda r: click.echo(f"[{r['branch']} {r['id'][:12]}] {how}"))
+
+
+@main.command()
+@click.argument("commit_ref", metavar="COMMIT")
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def revert(obj: Ctx, commit_ref: str, repo_opt: str | None, branch: str | None,
+           as_json: bool) -> None:
+    """Commit the inverse of COMMIT on the branch."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    r = c.run("revert", commit=commit_ref, branch=b)
+    out(r, as_json, lambda r: click.echo(f"[{r['branch']} {r['id'][:12]}] reverted"))
+
+
+@main.command()
+@click.argument("ref", required=False)
+@click.option("--hard", is_flag=True, help="Also discard uncommitted changes.")
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def reset(obj: Ctx, ref: str | None, hard: bool, repo_opt: str | None, branch: str | None,
+          as_json: bool) -> None:
+    """Move the branch to REF (default: its head); --hard discards changes."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    r = c.run("reset", branch=b, ref=ref, hard=hard)
+    out(r, as_json, lambda r: click.echo(f"{r['branch']} is now at {r['head'][:12]}"))
+
+
+# ------------------------------------------------------------ import, export
+
+
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--prefix", default="", help="Directory in the branch to import into.")
+@repo_options
+@branch_option
+@json_option
+@click.pass_obj
+def import_(obj: Ctx, src: str, prefix: str, repo_opt: str | None, branch: str | None,
+            as_json: bool) -> None:
+    """Copy directory SRC into the branch's worktree (uncommitted)."""
+    c = _ctx(obj, repo_opt, branch)
+    _, b = c.locate()
+    r = c.run("import", branch=b, src=os.path.abspath(src), prefix=prefix)
+    out(r, as_json, lambda r: click.echo(f"Imported {r['files']} files into {r['branch']}"))
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path())
+@repo_options
+@json_option
+@click.pass_obj
+def export(obj: Ctx, ref: str, dest: str, repo_opt: str | None, as_json: bool) -> None:
+    """Write the tree of REF into directory DEST."""
+    r = _ctx(obj, repo_opt).run("export", ref=ref, dest=os.path.abspath(dest))
+    out(r, as_json, lambda r: click.echo(f"Exported {r['files']} files to {dest}"))
+
+
+@main.command()
+@repo_options
+@json_option
+@click.pass_obj
+def stats(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """Logical bytes against bytes stored (dedup)."""
+    s = _ctx(obj, repo_opt).run("stats")
+
+    def human(s: dict) -> None:
+        for ref, n in sorted(s["refs"].items()):
+            click.echo(f"{ref:<40} {_size(n):>12}")
+        logical = s["logical_bytes_all_commits"]
+        stored = s["stored_bytes"]
+        click.echo(f"{'logical, all commits':<40} {_size(logical):>12}")
+        click.echo(f"{'stored (chunks + objects)':<40} {_size(stored):>12}")
+        if stored:
+            click.echo(f"{'dedup ratio':<40} {logical / stored:>11.2f}x")
+
+    out(s, as_json, human)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@repo_options
+@json_option
+@click.pass_obj
+def fsck(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """Verify every hash and reference in the store."""
+    r = _ctx(obj, repo_opt).run("fsck")
+
+    def human(r: dict) -> None:
+        click.echo(f"checked {r['chunks']} chunks, {r['objects']} objects, "
+                   f"{r['commits']} commits, {r['refs']} refs")
+        for p in r["problems"]:
+            click.echo(f"  {p['kind']}: {p['id'][:16]} ({p['detail']})")
+        click.echo("ok" if r["ok"] else f"{len(r['problems'])} problem(s)")
+
+    out(r, as_json, human)
+    if not r["ok"]:
+        sys.exit(1)
+
+
+def _not_yet(name: str, issue: int) -> None:
+    @main.command(name, context_settings={"ignore_unknown_options": True,
+                                          "allow_extra_args": True},
+                  help=f"Not available yet (tracked in issue {issue}).")
+    def _cmd() -> None:
+        raise JiaoziError(f"'{name}' is not available in this version yet")
+
+
+for _name, _issue in (("events", 5), ("triggers", 5), ("remote", 4), ("sync", 4), ("gc", 7)):
+    _not_yet(_name, _issue)
+
+
+if __name__ == "__main__":
+    main()

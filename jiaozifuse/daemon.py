@@ -1,0 +1,313 @@
+"""The mount daemon: process lifecycle, signals, and the control socket.
+
+``jiaozifuse mount`` starts ``python -m jiaozifuse.daemon`` in a new session
+and waits on a pipe until the child says the mount is ready (or why it is
+not): it returns only once the mount serves requests, and a failed mount
+leaves nothing mounted.  The daemon:
+
+1. takes ``REPO/run/daemon.lock`` (flock): one daemon per repository;
+2. cleans a stale mount left at the mount point by a killed daemon
+   (``fusermount3 -uz``), and orphaned inodes from the previous run;
+3. mounts, serves the control socket, and on SIGTERM/SIGINT or
+   ``jiaozifuse umount`` flushes every open file and unmounts.
+
+Logs go to ``REPO/run/daemon.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import JiaoziError
+
+log = logging.getLogger("jiaozifuse.daemon")
+
+
+@dataclass
+class MountOptions:
+    repo: Path
+    mountpoint: Path
+    foreground: bool = False
+    allow_other: bool = False
+    read_only: bool = False
+    branch: str | None = None
+    debug: bool = False
+
+
+def _mounted(mnt: Path) -> bool:
+    target = str(mnt)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 1 and parts[1].replace("\\040", " ") == target:
+                return True
+    return False
+
+
+def _check_mountpoint(mnt: Path) -> None:
+    try:
+        st = mnt.stat()
+    except FileNotFoundError:
+        raise JiaoziError(f"mount point {mnt} does not exist", errno.ENOENT) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a stale FUSE mount: the daemon died
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+            return _check_mountpoint(mnt)
+        raise
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise JiaoziError(f"mount point {mnt} is not a directory", errno.ENOTDIR)
+    if _mounted(mnt):
+        raise JiaoziError(f"{mnt} is already a mount point", errno.EBUSY)
+
+
+def start(opts: MountOptions) -> None:
+    """Mount, in the background unless *opts.foreground*; return once ready."""
+    from .repo import Repository
+
+    _check_mountpoint(opts.mountpoint)
+    Repository.open(opts.repo).close()  # a clear error now rather than in the child
+    if not os.path.exists("/dev/fuse"):
+        raise JiaoziError("/dev/fuse is missing: load the fuse module or, in a container, "
+                          "pass --device /dev/fuse", errno.ENODEV)
+    if opts.foreground:
+        serve(opts, ready_fd=None)
+        return
+    rfd, wfd = os.pipe()
+    run_dir = opts.repo / "run"
+    run_dir.mkdir(exist_ok=True)
+    logf = open(run_dir / "daemon.log", "ab")
+    args = [sys.executable, "-m", "jiaozifuse.daemon", "--ready-fd", str(wfd),
+            "--options", json.dumps({k: str(v) if isinstance(v, Path) else v
+                                     for k, v in asdict(opts).items()})]
+    proc = subprocess.Popen(args, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf,
+                            stderr=logf, start_new_session=True, close_fds=True)
+    os.close(wfd)
+    logf.close()
+    with os.fdopen(rfd, "rb") as r:
+        line = r.readline().decode(errors="replace").strip()
+    if line == "ready":
+        return
+    proc.wait(timeout=30)
+    raise JiaoziError(line.removeprefix("error: ") if line else
+                      f"the mount daemon exited with status {proc.returncode}; see "
+                      f"{run_dir / 'daemon.log'}")
+
+
+def stop(mnt: Path, lazy: bool = False, timeout: float = 60.0) -> None:
+    """Flush and unmount the jiaozifuse mount at *mnt*."""
+    from . import control
+
+    if not _mounted(mnt):
+        raise JiaoziError(f"{mnt} is not mounted", errno.EINVAL)
+    info: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((mnt / ".jiaozifuse-mount").read_text())
+    pid = info.get("pid")
+    repo = info.get("repo")
+    if repo:
+        with contextlib.suppress(FileNotFoundError, OSError, JiaoziError):
+            control.call(Path(repo), "shutdown", {}, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while _mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _mounted(mnt):
+        cmd = ["fusermount3", "-uz" if lazy else "-u", str(mnt)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise JiaoziError(f"cannot unmount {mnt}: {res.stderr.strip() or 'busy'}",
+                              errno.EBUSY)
+    if pid:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ daemon side
+
+
+class _Lock:
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise JiaoziError(f"another jiaozifuse daemon serves {path.parent.parent}",
+                              errno.EBUSY) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+
+def serve(opts: MountOptions, ready_fd: int | None) -> None:
+    """Run the mount in this process until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from .fs import Ops
+    from .repo import Repository
+
+    def tell(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, (msg + "\n").encode())
+                os.close(ready_fd)
+            ready_fd = None
+
+    logging.basicConfig(
+        level=logging.DEBUG if opts.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        run_dir = opts.repo / "run"
+        run_dir.mkdir(exist_ok=True)
+        lock = _Lock(run_dir / "daemon.lock")
+        _check_mountpoint(opts.mountpoint)
+        repo = Repository.open(opts.repo)
+        orphans = repo.worktree.clean_orphans()
+        if orphans:
+            log.info("removed %d orphaned inodes left by the previous run", orphans)
+        info = {"repo": str(opts.repo), "pid": os.getpid(), "mountpoint": str(opts.mountpoint)}
+        ops = Ops(repo, read_only=opts.read_only, info=info)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=jiaozifuse", "subtype=jiaozifuse"}
+        if opts.allow_other:
+            options.add("allow_other")
+        if opts.read_only:
+            options.add("ro")
+        pyfuse3.init(ops, str(opts.mountpoint), options)
+    except JiaoziError as exc:
+        tell(f"error: {exc}")
+        raise SystemExit(1) from None
+    except Exception as exc:  # report why, then fail
+        log.exception("mount failed")
+        tell(f"error: mount failed: {exc}")
+        raise SystemExit(1) from None
+
+    sock_path = run_dir / "control.sock"
+    try:
+        trio.run(_main, ops, sock_path, tell)
+    except BaseException:
+        log.exception("daemon failed")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            repo.worktree.flush_all()
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        with contextlib.suppress(Exception):
+            repo.close()
+        del lock
+        log.info("unmounted %s", opts.mountpoint)
+
+
+async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
+    import pyfuse3
+    import trio
+
+    from . import control
+    from . import ops as opsmod
+
+    async def handle(conn: trio.SocketStream) -> None:
+        async with conn:
+            try:
+                uid = control.peer_uid(conn.socket)  # type: ignore[arg-type]
+            except OSError:
+                return
+            if not control.allowed(uid):
+                await conn.send_all(control.encode_reply(
+                    error=JiaoziError("permission denied", errno.EACCES)))
+                return
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                data = await conn.receive_some(1 << 16)
+                if not data:
+                    return
+                buf += data
+                if len(buf) > control.MAX_REQUEST:
+                    return
+            try:
+                req = json.loads(buf)
+                name, args = req["op"], req.get("args", {})
+                if name == "shutdown":
+                    await conn.send_all(control.encode_reply({"stopping": True}))
+                    nursery.cancel_scope.cancel()
+                    return
+                result = opsmod.run(ops.repo, name, args)
+                reply = control.encode_reply(result)
+            except JiaoziError as exc:
+                reply = control.encode_reply(error=exc)
+            except Exception as exc:
+                logging.getLogger("jiaozifuse.control").exception("control op failed")
+                reply = control.encode_reply(error=JiaoziError(f"internal error: {exc}",
+                                                               errno.EIO))
+            await ops.apply_invalidations()
+            await conn.send_all(reply)
+
+    async def serve_control(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(sock_path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(handle, [listener])
+
+    async def signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
+            task_status.started()
+            async for _ in it:
+                log.info("signal received: flushing and unmounting")
+                nursery.cancel_scope.cancel()
+                return
+
+    async def fuse_main() -> None:
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        # returns when the filesystem was unmounted from outside
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(signals)
+        await nursery.start(serve_control)
+        nursery.start_soon(fuse_main)
+        tell("ready")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="jiaozifuse-daemon")
+    p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--options", required=True)
+    a = p.parse_args(argv)
+    raw = json.loads(a.options)
+    raw["repo"] = Path(raw["repo"])
+    raw["mountpoint"] = Path(raw["mountpoint"])
+    serve(MountOptions(**raw), a.ready_fd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,696 @@
+"""The FUSE layer: a thin translation of kernel requests onto the repository.
+
+Layout of the mount (a contract)::
+
+    MNT/<branch>/...            writable: the branch's worktree
+    MNT/.commits/<id>/...       read-only snapshot of a commit (7+ hex prefix ok)
+    MNT/.tags/<tag>/...         read-only snapshot of a tag
+    MNT/.jiaozifuse-mount       JSON naming the repository (how the CLI finds it)
+
+Inode numbers: 1 is the mount root, 2 ``.commits``, 3 ``.tags``, 4 the
+marker file.  Worktree inodes (>= 1024) are the store's own, stable across
+mounts.  Snapshot inodes are handed out from :data:`SNAP_BASE` on lookup and
+forgotten when the kernel forgets them; lookup counts are kept exactly for
+them (a worktree inode lives in the store and needs none).
+
+Kernel caching, which is where metadata speed comes from:
+
+* snapshots never change: entries, attributes and pages are cached for an
+  hour (``keep_cache`` on open);
+* branches change only through this mount, whose writes the kernel sees, or
+  through the CLI, which goes through the daemon; so branch entries and
+  attributes are cached too, and :meth:`Ops.invalidate_branch` drops them
+  when a reset, merge or revert replaces a worktree;
+* failed lookups are cached as negative entries.
+
+Concurrency: every handler runs on the one trio thread pyfuse3 uses, and the
+worktree is only touched from it, so handlers need no locks; a handler never
+awaits between reading and writing worktree state.
+
+Errors: a handler never lets an exception other than ``FUSEError`` escape
+(pyfuse3 would end the whole mount).  A JiaoziError becomes its errno;
+anything else is logged with a traceback and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+
+from .errors import JiaoziError, NotFound
+from .filecontent import FileContent
+from .objects import TreeEntry
+from .repo import Repository, check_ref_name
+from .worktree import Inode
+
+log = logging.getLogger("jiaozifuse.fs")
+
+ROOT = pyfuse3.ROOT_INODE
+COMMITS = 2
+TAGS = 3
+MARKER = 4
+SNAP_BASE = 1 << 48
+MARKER_NAME = b".jiaozifuse-mount"
+
+SNAP_TIMEOUT = 3600.0
+BRANCH_TIMEOUT = 60.0
+ROOT_TIMEOUT = 1.0
+NEG_TIMEOUT = 1.0
+BLKSIZE = 128 * 1024
+
+
+def handler(fn: Callable) -> Callable:
+    """Turn every error into an errno; an unexpected one is logged, never fatal."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Ops, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except JiaoziError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODATA):
+                log.debug("%s%r: %s", fn.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s%r: %s", fn.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass(slots=True)
+class SnapNode:
+    """A node of a read-only snapshot."""
+
+    ino: int
+    commit: bytes
+    entry: TreeEntry  # for a snapshot root: a synthetic directory entry
+    parent: int
+    lookups: int = 0
+    content: FileContent | None = None
+    opens: int = 0
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    writable: bool
+    append: bool
+    snapshot: bool
+
+
+class Ops(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`~jiaozifuse.repo.Repository`."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, repo: Repository, read_only: bool = False, info: dict | None = None):
+        super().__init__()
+        self.repo = repo
+        self.wt = repo.worktree
+        self.read_only = read_only
+        self.marker = (json.dumps(info or {"repo": str(repo.path)}) + "\n").encode()
+        self.snaps: dict[int, SnapNode] = {}
+        self.snap_index: dict[tuple[int, bytes], int] = {}
+        self.next_snap = SNAP_BASE
+        self.handles: dict[int, Handle] = {}
+        self.next_fh = 1
+        self.mount_time_ns = time.time_ns()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.statfs_path = str(repo.path)
+        repo.reset_hooks.append(self._on_reset)
+        self.pending_inval: list[tuple[int, list[bytes]]] = []
+        #: branch name -> root inode, refreshed on every root lookup/readdir
+        self.branch_roots: dict[str, int] = {}
+        self.stats = {"ops": 0}
+
+    # ------------------------------------------------------------ attributes
+
+    def _virtual_dir(self, ino: int, nlink: int = 2) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = stat.S_IFDIR | (0o555 if ino != ROOT else 0o755)
+        a.st_nlink = nlink
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mount_time_ns
+        a.st_blksize = BLKSIZE
+        a.entry_timeout = a.attr_timeout = ROOT_TIMEOUT
+        return a
+
+    def _wt_attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = node.mode
+        if self.read_only:
+            a.st_mode &= ~0o222
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        if node.is_dir:
+            a.st_size = 4096
+        elif node.is_symlink:
+            a.st_size = len(node.target)
+        else:
+            of = self.wt.open_files.get(node.ino)
+            a.st_size = of.size if of is not None else node.size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        a.entry_timeout = a.attr_timeout = BRANCH_TIMEOUT
+        return a
+
+    def _snap_attr(self, n: SnapNode) -> pyfuse3.EntryAttributes:
+        e = n.entry
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = n.ino
+        a.st_mode = e.mode & ~0o222
+        a.st_nlink = 2 if e.is_dir else 1
+        a.st_uid, a.st_gid = e.uid, e.gid
+        a.st_size = 4096 if e.is_dir else len(e.ref) if e.is_symlink else e.size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        a.entry_timeout = a.attr_timeout = SNAP_TIMEOUT
+        return a
+
+    def _marker_attr(self) -> pyfuse3.EntryAttributes:
+        a = self._virtual_dir(MARKER)
+        a.st_mode = stat.S_IFREG | 0o444
+        a.st_nlink = 1
+        a.st_size = len(self.marker)
+        return a
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        if ino == ROOT:
+            return self._virtual_dir(ROOT, 4 + len(self.repo.branches()))
+        if ino in (COMMITS, TAGS):
+            return self._virtual_dir(ino)
+        if ino == MARKER:
+            return self._marker_attr()
+        if ino >= SNAP_BASE:
+            n = self.snaps.get(ino)
+            if n is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._snap_attr(n)
+        return self._wt_attr(self.wt.getattr(ino))
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = NEG_TIMEOUT
+        return a
+
+    # ------------------------------------------------------------- snapshots
+
+    def _snap_child(self, parent: int, name: bytes, commit: bytes, entry: TreeEntry) -> SnapNode:
+        key = (parent, name)
+        ino = self.snap_index.get(key)
+        if ino is not None:
+            return self.snaps[ino]
+        ino = self.next_snap
+        self.next_snap += 1
+        node = SnapNode(ino, commit, entry, parent)
+        self.snaps[ino] = node
+        self.snap_index[key] = ino
+        return node
+
+    def _snap_root(self, parent: int, name: bytes, commit: bytes) -> SnapNode:
+        c = self.repo.get_commit(commit)
+        entry = TreeEntry(name, stat.S_IFDIR | 0o555, self.uid, self.gid, c.time_ns, 0, c.tree)
+        return self._snap_child(parent, name, commit, entry)
+
+    def _is_snap(self, ino: int) -> bool:
+        return ino >= SNAP_BASE or ino in (COMMITS, TAGS)
+
+    def _branch_root(self, name: bytes) -> int | None:
+        try:
+            return self.repo.root_ino(name.decode())
+        except (NotFound, UnicodeDecodeError):
+            return None
+
+    def _is_branch_root(self, ino: int) -> bool:
+        return ino in self.branch_roots.values()
+
+    # --------------------------------------------------------------- lookups
+
+    def _remember(self, a: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        n = self.snaps.get(a.st_ino)
+        if n is not None:
+            n.lookups += 1
+        return a
+
+    @handler
+    async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.stats["ops"] += 1
+        if name == b".":
+            return self._remember(self._attr(parent))
+        if parent == ROOT:
+            if name == b".commits":
+                return self._attr(COMMITS)
+            if name == b".tags":
+                return self._attr(TAGS)
+            if name == MARKER_NAME:
+                return self._attr(MARKER)
+            ino = self._branch_root(name)
+            if ino is None:
+                return self._negative_root()
+            self.branch_roots[name.decode()] = ino
+            return self._attr(ino)
+        if parent == COMMITS:
+            try:
+                text = name.decode("ascii")
+                if len(text) < 7:
+                    raise NotFound("prefix too short")
+                from .repo import HEX_RE
+
+                if not HEX_RE.match(text):
+                    raise NotFound("not a commit id")
+                cid = self.repo.resolve(text)
+            except (NotFound, UnicodeDecodeError):
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return self._remember(self._snap_attr(self._snap_root(COMMITS, name, cid)))
+        if parent == TAGS:
+            cid = self.repo.tags().get(name.decode(errors="replace"))
+            if cid is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._remember(self._snap_attr(self._snap_root(TAGS, name, cid)))
+        if parent >= SNAP_BASE:
+            p = self.snaps.get(parent)
+            if p is None or not p.entry.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            child = self.repo.get_tree(p.entry.ref).get(name)
+            if child is None:
+                a = self._negative()
+                a.entry_timeout = SNAP_TIMEOUT
+                return a
+            return self._remember(self._snap_attr(self._snap_child(parent, name, p.commit, child)))
+        try:
+            node = self.wt.lookup(parent, name)
+        except NotFound:
+            return self._negative()
+        return self._wt_attr(node)
+
+    def _negative_root(self) -> pyfuse3.EntryAttributes:
+        # Branch names appear through mkdir here or through the CLI (which
+        # goes through this daemon), so a short negative timeout is enough.
+        return self._negative()
+
+    @handler
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self.snaps.get(ino)
+            if node is None:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0 and node.opens <= 0:
+                del self.snaps[ino]
+                self.snap_index.pop((node.parent, node.entry.name), None)
+
+    @handler
+    async def getattr(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.stats["ops"] += 1
+        return self._attr(ino)
+
+    @handler
+    async def readlink(self, ino: int, ctx: Any) -> bytes:
+        if ino >= SNAP_BASE:
+            n = self.snaps[ino]
+            if not n.entry.is_symlink:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return n.entry.ref
+        node = self.wt.getattr(ino)
+        if not node.is_symlink:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    # -------------------------------------------------------------- listings
+
+    @handler
+    async def opendir(self, ino: int, ctx: Any) -> int:
+        return ino
+
+    @handler
+    async def readdir(self, ino: int, start_id: int, token: Any) -> None:
+        self.stats["ops"] += 1
+        if ino == ROOT:
+            rows: list[tuple[bytes, pyfuse3.EntryAttributes]] = [
+                (b".commits", self._attr(COMMITS)), (b".tags", self._attr(TAGS)),
+                (MARKER_NAME, self._attr(MARKER)),
+            ]
+            for name in sorted(self.repo.branches()):
+                root = self.repo.root_ino(name)
+                self.branch_roots[name] = root
+                rows.append((name.encode(), self._attr(root)))
+            self._reply_indexed(rows, start_id, token)
+        elif ino == COMMITS:
+            rows = []
+            for cid in self.repo.commit_ids():
+                name = cid.hex().encode()
+                rows.append((name, None))  # type: ignore[arg-type]
+            for i in range(start_id, len(rows)):
+                name = rows[i][0]
+                n = self._snap_root(COMMITS, name, bytes.fromhex(name.decode()))
+                if not pyfuse3.readdir_reply(token, name, self._snap_attr(n), i + 1):
+                    return
+                n.lookups += 1
+        elif ino == TAGS:
+            tags = sorted(self.repo.tags().items())
+            for i in range(start_id, len(tags)):
+                name = tags[i][0].encode()
+                n = self._snap_root(TAGS, name, tags[i][1])
+                if not pyfuse3.readdir_reply(token, name, self._snap_attr(n), i + 1):
+                    return
+                n.lookups += 1
+        elif ino >= SNAP_BASE:
+            p = self.snaps[ino]
+            entries = self.repo.get_tree(p.entry.ref).entries
+            for i in range(start_id, len(entries)):
+                e = entries[i]
+                n = self._snap_child(ino, e.name, p.commit, e)
+                if not pyfuse3.readdir_reply(token, e.name, self._snap_attr(n), i + 1):
+                    return
+                n.lookups += 1
+        else:
+            for name, node, seq in self.wt.readdir(ino, start_id):
+                if not pyfuse3.readdir_reply(token, name, self._wt_attr(node), seq):
+                    return
+
+    def _reply_indexed(self, rows: list, start_id: int, token: Any) -> None:
+        for i in range(start_id, len(rows)):
+            name, attr = rows[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            self._remember(attr)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.repo.store.sync()
+
+    # ------------------------------------------------------------ namespace
+
+    def _check_writable(self, parent: int) -> None:
+        if self.read_only or self._is_snap(parent) or parent == MARKER:
+            raise _erofs()
+        if parent == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+    def _owner(self, parent: Inode, ctx: Any, mode: int) -> tuple[int, int, int]:
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return ctx.uid, gid, mode
+
+    @handler
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if parent == ROOT and not self.read_only:
+            try:
+                bname = check_ref_name(name.decode())
+            except (JiaoziError, UnicodeDecodeError):
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            if self._branch_root(name) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            self.repo.create_branch(bname)
+            ino = self.repo.root_ino(bname)
+            self.branch_roots[bname] = ino
+            return self._attr(ino)
+        self._check_writable(parent)
+        p = self.wt.getattr(parent)
+        uid, gid, mode = self._owner(p, ctx, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777))
+        node = self.wt.create(parent, name, mode, uid, gid)
+        return self._wt_attr(node)
+
+    @handler
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_writable(parent)
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        p = self.wt.getattr(parent)
+        uid, gid, mode = self._owner(p, ctx, stat.S_IFREG | (mode & ~ctx.umask & 0o7777))
+        return self._wt_attr(self.wt.create(parent, name, mode, uid, gid))
+
+    @handler
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_writable(parent)
+        p = self.wt.getattr(parent)
+        uid, gid, _ = self._owner(p, ctx, stat.S_IFLNK)
+        return self._wt_attr(self.wt.create(parent, name, stat.S_IFLNK | 0o777, uid, gid,
+                                            target=target))
+
+    @handler
+    async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
+        self._check_writable(parent)
+        self.wt.unlink(parent, name)
+
+    @handler
+    async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
+        self._check_writable(parent)
+        self.wt.unlink(parent, name, rmdir=True)
+
+    @handler
+    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int,
+                     ctx: Any) -> None:
+        if self.read_only or self._is_snap(p1) or self._is_snap(p2):
+            raise _erofs()
+        if p1 == ROOT or p2 == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self._branch_of(p1) != self._branch_of(p2):
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self.wt.rename(p1, n1, p2, n2, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    def _branch_of(self, ino: int) -> int:
+        """The root inode of the worktree holding directory *ino*."""
+        node = self.wt.getattr(ino)
+        seen = 0
+        while node.links and seen < 4096:
+            node = self.wt.getattr(node.links[0][0])
+            seen += 1
+        return node.ino
+
+    @handler
+    async def link(self, ino: int, parent: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_writable(parent)
+        if self._is_snap(ino) or ino < 1024:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if self._branch_of(parent) != self._branch_of(self.wt.getattr(ino).links[0][0]
+                                                      if self.wt.getattr(ino).links else ino):
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        return self._wt_attr(self.wt.link(ino, parent, name))
+
+    @handler
+    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        if ino < 1024 or ino >= SNAP_BASE or self.read_only:
+            raise _erofs()
+        node = self.wt.setattr(
+            ino,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._wt_attr(node)
+
+    # ----------------------------------------------------------------- files
+
+    def _new_fh(self, h: Handle) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    @handler
+    async def open(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if ino == MARKER:
+            if writable:
+                raise _erofs()
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, False, False, True)))
+        if ino >= SNAP_BASE:
+            if writable or flags & os.O_TRUNC:
+                raise _erofs()
+            n = self.snaps[ino]
+            if n.content is None:
+                n.content = self.repo.file_content(n.entry.ref)
+            n.opens += 1
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, False, False, True)),
+                                    keep_cache=True)
+        if writable and self.read_only:
+            raise _erofs()
+        self.wt.open(ino)
+        if flags & os.O_TRUNC and writable:
+            self.wt.truncate(ino, 0)
+        fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_writable(parent)
+        p = self.wt.getattr(parent)
+        uid, gid, mode = self._owner(p, ctx, stat.S_IFREG | (mode & ~ctx.umask & 0o7777))
+        node = self.wt.create(parent, name, mode, uid, gid)
+        self.wt.open(node.ino)
+        fh = self._new_fh(Handle(node.ino, True, bool(flags & os.O_APPEND), False))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._wt_attr(node)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        if h.ino == MARKER:
+            return self.marker[off : off + size]
+        if h.snapshot:
+            content = self.snaps[h.ino].content
+            assert content is not None
+            return content.read(off, size)
+        return self.wt.read(h.ino, off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if h.append:
+            off = self.wt.open_files[h.ino].size
+        return self.wt.write(h.ino, off, buf)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h is not None and not h.snapshot:
+            self.wt.flush(h.ino)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh)
+        if h is not None and not h.snapshot:
+            self.wt.flush(h.ino)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.snapshot:
+            n = self.snaps.get(h.ino)
+            if n is not None:
+                n.opens -= 1
+                if n.opens <= 0:
+                    n.content = None
+                    if n.lookups <= 0:
+                        del self.snaps[h.ino]
+                        self.snap_index.pop((n.parent, n.entry.name), None)
+            return
+        self.wt.release(h.ino)
+
+    # ---------------------------------------------------------------- xattrs
+
+    @handler
+    async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
+        if ino < 1024 or ino >= SNAP_BASE or self.read_only:
+            raise _erofs()
+        if name.startswith(b"user.jiaozi."):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        self.wt.setxattr(ino, name, value)
+
+    @handler
+    async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
+        if ino < 1024 or ino >= SNAP_BASE or self.read_only:
+            raise _erofs()
+        self.wt.setxattr(ino, name, None)
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        if ino >= SNAP_BASE:
+            n = self.snaps[ino]
+            out = dict(n.entry.xattrs)
+            out[b"user.jiaozi.commit"] = n.commit.hex().encode()
+            return out
+        if ino < 1024:
+            return {}
+        return dict(self.wt.getattr(ino).xattrs)
+
+    @handler
+    async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
+        value = self._xattrs(ino).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, ino: int, ctx: Any) -> list[bytes]:
+        return list(self._xattrs(ino))
+
+    # ----------------------------------------------------------------- statfs
+
+    @handler
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.statfs_path)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = st.f_bfree
+        s.f_bavail = st.f_bavail
+        s.f_files = st.f_files
+        s.f_ffree = st.f_ffree
+        s.f_favail = st.f_favail
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------ invalidation
+
+    def _on_reset(self, branch: str, root_ino: int, names: list[bytes]) -> None:
+        """A worktree was replaced behind the kernel's back: remember what to drop."""
+        self.pending_inval.append((root_ino, names))
+
+    async def apply_invalidations(self) -> None:
+        """Drop the kernel's cached entries and attributes of replaced worktrees.
+
+        Called by the daemon after a control operation, never from inside a
+        FUSE request (the kernel could wait on this very thread).
+        """
+        import trio
+
+        while self.pending_inval:
+            root_ino, names = self.pending_inval.pop()
+            for name in names:
+                try:
+                    pyfuse3.invalidate_entry_async(root_ino, name, ignore_enoent=True)
+                except (OSError, RuntimeError) as exc:
+                    log.debug("invalidate_entry %s/%r: %s", root_ino, name, exc)
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, root_ino)
+            except (OSError, RuntimeError) as exc:
+                log.debug("invalidate_inode %s: %s", root_ino, exc)

@@ -1,0 +1,202 @@
+"""Repository operations as JSON-in, JSON-out functions.
+
+The CLI and the daemon's control socket share this table, so a command does
+the same thing whether it runs in the CLI's own process (no daemon serves the
+repository) or inside the daemon (one does: then the daemon's open files are
+flushed first and the mount's kernel caches are invalidated after).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .errors import JiaoziError, NotFound
+from .objects import Commit
+from .repo import Repository
+
+Op = Callable[..., Any]
+OPS: dict[str, Op] = {}
+
+
+def op(fn: Op) -> Op:
+    OPS[fn.__name__.removeprefix("op_")] = fn
+    return fn
+
+
+def commit_dict(cid: bytes, c: Commit) -> dict[str, Any]:
+    return {
+        "id": cid.hex(),
+        "tree": c.tree.hex(),
+        "parents": [p.hex() for p in c.parents],
+        "author": c.author,
+        "time_ns": c.time_ns,
+        "message": c.message,
+        "meta": dict(c.meta),
+    }
+
+
+def _branch(repo: Repository, branch: str | None) -> str:
+    b = branch or repo.default_branch
+    repo.head(b)  # raises NotFound for an unknown branch
+    return b
+
+
+@op
+def op_commit(repo: Repository, branch: str | None, message: str,
+              meta: dict[str, str] | None = None, allow_empty: bool = False) -> dict:
+    b = _branch(repo, branch)
+    cid = repo.commit(b, message, meta or {}, allow_empty=allow_empty)
+    return {"branch": b, **commit_dict(cid, repo.get_commit(cid))}
+
+
+@op
+def op_log(repo: Repository, ref: str | None, limit: int | None = None) -> list[dict]:
+    return [commit_dict(cid, c) for cid, c in repo.log(ref or repo.default_branch, limit)]
+
+
+@op
+def op_show(repo: Repository, ref: str, path: str | None = None) -> dict:
+    cid = repo.resolve(ref)
+    c = repo.get_commit(cid)
+    if not path:
+        return {"type": "commit", **commit_dict(cid, c)}
+    entry = repo.tree_entry(cid, path)
+    if entry is None:
+        return {"type": "commit", **commit_dict(cid, c)}
+    info: dict[str, Any] = {
+        "commit": cid.hex(), "path": path, "mode": entry.mode, "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+    }
+    if entry.is_dir:
+        info["type"] = "tree"
+        info["id"] = entry.ref.hex()
+        info["entries"] = [
+            {"name": os.fsdecode(e.name), "mode": e.mode, "size": e.size,
+             "type": "tree" if e.is_dir else "symlink" if e.is_symlink else "file"}
+            for e in repo.get_tree(entry.ref).entries
+        ]
+    elif entry.is_symlink:
+        info["type"] = "symlink"
+        info["target"] = os.fsdecode(entry.ref)
+    else:
+        info["type"] = "file"
+        info["id"] = entry.ref.hex()
+    return info
+
+
+@op
+def op_status(repo: Repository, branch: str | None) -> dict:
+    b = _branch(repo, branch)
+    return {
+        "branch": b,
+        "head": repo.head(b).hex(),
+        "changes": [ch.as_dict() for ch in repo.status(b)],
+    }
+
+
+@op
+def op_diff(repo: Repository, a: str, b: str) -> list[dict]:
+    return [ch.as_dict() for ch in repo.diff(a, b)]
+
+
+@op
+def op_branch_create(repo: Repository, name: str, from_ref: str | None = None) -> dict:
+    cid = repo.create_branch(name, from_ref)
+    return {"branch": name, "head": cid.hex()}
+
+
+@op
+def op_branch_list(repo: Repository) -> list[dict]:
+    return [
+        {"name": n, "head": cid.hex(), "default": n == repo.default_branch}
+        for n, cid in sorted(repo.branches().items())
+    ]
+
+
+@op
+def op_branch_delete(repo: Repository, name: str) -> dict:
+    repo.delete_branch(name)
+    return {"deleted": name}
+
+
+@op
+def op_tag_create(repo: Repository, name: str, ref: str | None = None) -> dict:
+    cid = repo.create_tag(name, ref)
+    return {"tag": name, "commit": cid.hex()}
+
+
+@op
+def op_tag_list(repo: Repository) -> list[dict]:
+    return [{"name": n, "commit": cid.hex()} for n, cid in sorted(repo.tags().items())]
+
+
+@op
+def op_tag_delete(repo: Repository, name: str) -> dict:
+    repo.delete_tag(name)
+    return {"deleted": name}
+
+
+@op
+def op_merge(repo: Repository, src: str, into: str | None = None,
+             message: str | None = None) -> dict:
+    into = _branch(repo, into)
+    cid = repo.merge(src, into, message)
+    c = repo.get_commit(cid)
+    return {"branch": into, "fast_forward": cid == repo.resolve(src), **commit_dict(cid, c)}
+
+
+@op
+def op_revert(repo: Repository, commit: str, branch: str | None = None) -> dict:
+    b = _branch(repo, branch)
+    cid = repo.revert(commit, b)
+    return {"branch": b, **commit_dict(cid, repo.get_commit(cid))}
+
+
+@op
+def op_reset(repo: Repository, branch: str | None, ref: str | None = None,
+             hard: bool = False) -> dict:
+    b = _branch(repo, branch)
+    cid = repo.reset(b, ref, hard)
+    return {"branch": b, "head": cid.hex(), "hard": hard}
+
+
+@op
+def op_import(repo: Repository, branch: str | None, src: str, prefix: str = "") -> dict:
+    b = _branch(repo, branch)
+    n = repo.import_dir(b, src, prefix)
+    return {"branch": b, "files": n, "prefix": prefix}
+
+
+@op
+def op_export(repo: Repository, ref: str, dest: str) -> dict:
+    n = repo.export(ref, dest)
+    return {"ref": ref, "files": n, "dest": dest}
+
+
+@op
+def op_stats(repo: Repository) -> dict:
+    return repo.stats()
+
+
+@op
+def op_fsck(repo: Repository) -> dict:
+    from .fsck import fsck
+
+    return fsck(repo)
+
+
+@op
+def op_ping(repo: Repository) -> dict:
+    return {"repo": str(repo.path), "pid": os.getpid()}
+
+
+def run(repo: Repository, name: str, args: dict[str, Any]) -> Any:
+    fn = OPS.get(name)
+    if fn is None:
+        raise NotFound(f"unknown operation {name!r}")
+    try:
+        return fn(repo, **args)
+    except TypeError as exc:
+        raise JiaoziError(f"bad arguments for {name}: {exc}") from None
