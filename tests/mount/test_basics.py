@@ -1,0 +1,107 @@
+"""The mount layout and the errors a user meets first."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from .conftest import Mount, is_mounted, jz
+
+
+def test_layout_and_commit_snapshot(mnt: Mount) -> None:
+    assert sorted(os.listdir(mnt.mnt)) == [".commits", ".jiaozifuse-mount", ".tags", "main"]
+    (mnt.main / "data").mkdir()
+    (mnt.main / "data" / "a.csv").write_text("x,y\n1,2\n")
+    out = jz("commit", "-m", "first", "--json", cwd=mnt.main / "data")
+    import json
+
+    cid = json.loads(out.stdout)["id"]
+    snap = mnt.mnt / ".commits" / cid
+    assert (snap / "data" / "a.csv").read_text() == "x,y\n1,2\n"
+    assert (mnt.mnt / ".commits" / cid[:7] / "data" / "a.csv").exists()
+    assert cid in os.listdir(mnt.mnt / ".commits")
+    # the snapshot does not change when the branch does
+    (mnt.main / "data" / "a.csv").write_text("changed\n")
+    assert (snap / "data" / "a.csv").read_text() == "x,y\n1,2\n"
+    assert os.getxattr(snap / "data" / "a.csv", "user.jiaozi.commit").decode() == cid
+
+
+def test_snapshot_is_read_only(mnt: Mount) -> None:
+    (mnt.main / "f").write_text("v1")
+    mnt.cli("commit", "-m", "c")
+    cid = mnt.cli("log", "-n", "1", "--json").stdout
+    import json
+
+    snap = mnt.mnt / ".commits" / json.loads(cid)[0]["id"]
+    for action in (
+        lambda: (snap / "f").write_text("x"),
+        lambda: (snap / "new").write_text("x"),
+        lambda: os.mkdir(snap / "d"),
+        lambda: os.unlink(snap / "f"),
+        lambda: os.rename(snap / "f", snap / "g"),
+        lambda: os.truncate(snap / "f", 0),
+        lambda: os.chmod(snap / "f", 0o777),
+        lambda: os.setxattr(snap / "f", "user.x", b"1"),
+        lambda: os.link(snap / "f", snap / "h"),
+    ):
+        with pytest.raises(OSError) as ei:
+            action()
+        assert ei.value.errno == errno.EROFS
+    # the mount keeps serving
+    assert (snap / "f").read_text() == "v1"
+
+
+def test_mkdir_creates_branch_and_bad_names(mnt: Mount) -> None:
+    (mnt.main / "x").write_text("1")
+    mnt.cli("commit", "-m", "c")
+    os.mkdir(mnt.mnt / "exp-1")
+    assert (mnt.mnt / "exp-1" / "x").read_text() == "1"
+    (mnt.mnt / "exp-1" / "x").write_text("2")
+    assert (mnt.main / "x").read_text() == "1"
+    for bad in ("bad name", "-x", ".hidden2", "a:b"):
+        with pytest.raises(OSError) as ei:
+            os.mkdir(mnt.mnt / bad)
+        assert ei.value.errno in (errno.EINVAL, errno.EPERM)
+    with pytest.raises(OSError) as ei:
+        os.mkdir(mnt.mnt / "main")
+    assert ei.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as ei:
+        (mnt.mnt / ("y" * 256)).mkdir()
+    assert ei.value.errno in (errno.ENAMETOOLONG, errno.EINVAL)
+    with pytest.raises(OSError) as ei:
+        (mnt.main / ("y" * 256)).write_text("1")
+    assert ei.value.errno == errno.ENAMETOOLONG
+    assert sorted(p for p in os.listdir(mnt.mnt) if not p.startswith(".")) == ["exp-1", "main"]
+
+
+def test_reset_through_cli_is_seen_at_once(mnt: Mount) -> None:
+    (mnt.main / "a").write_text("committed")
+    mnt.cli("commit", "-m", "c")
+    (mnt.main / "a").write_text("scratch")
+    (mnt.main / "b").write_text("new")
+    assert (mnt.main / "a").read_text() == "scratch"
+    mnt.cli("reset", "--hard")
+    assert (mnt.main / "a").read_text() == "committed"
+    assert not (mnt.main / "b").exists()
+    assert mnt.cli("status", "--json").stdout.count('"path"') == 0
+
+
+def test_remount_keeps_data_and_umount_is_clean(mount_factory) -> None:
+    m = mount_factory()
+    (m.main / "big").write_bytes(os.urandom(3 << 20))
+    data = (m.main / "big").read_bytes()
+    m2 = m.remount()
+    assert (m2.main / "big").read_bytes() == data
+    m2.unmount()
+    assert not is_mounted(m2.mnt)
+
+
+def test_mount_errors(tmp_path) -> None:
+    jz("init", str(tmp_path / "r"))
+    res = jz("mount", str(tmp_path / "r"), str(tmp_path / "missing"), check=False)
+    assert res.returncode == 1 and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = jz("mount", str(tmp_path / "nope"), str(tmp_path), check=False)
+    assert res.returncode == 1 and "not a jiaozifuse repository" in res.stderr
