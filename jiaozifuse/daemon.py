@@ -35,6 +35,9 @@ from .errors import JiaoziError
 
 log = logging.getLogger("jiaozifuse.daemon")
 
+#: Seconds between group commits of metadata changes.
+COMMIT_INTERVAL = 0.05
+
 
 @dataclass
 class MountOptions:
@@ -45,6 +48,7 @@ class MountOptions:
     read_only: bool = False
     branch: str | None = None
     debug: bool = False
+    lazy_close: bool = False
 
 
 def _mounted(mnt: Path) -> bool:
@@ -182,11 +186,12 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
         lock = _Lock(run_dir / "daemon.lock")
         _check_mountpoint(opts.mountpoint)
         repo = Repository.open(opts.repo)
+        repo.store.begin_batch()
         orphans = repo.worktree.clean_orphans()
         if orphans:
             log.info("removed %d orphaned inodes left by the previous run", orphans)
         info = {"repo": str(opts.repo), "pid": os.getpid(), "mountpoint": str(opts.mountpoint)}
-        ops = Ops(repo, read_only=opts.read_only, info=info)
+        ops = Ops(repo, read_only=opts.read_only, info=info, lazy_close=opts.lazy_close)
         options = set(pyfuse3.default_options)
         options |= {"fsname=jiaozifuse", "subtype=jiaozifuse"}
         if opts.allow_other:
@@ -254,6 +259,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     nursery.cancel_scope.cancel()
                     return
                 result = opsmod.run(ops.repo, name, args)
+                ops.repo.store.commit_batch()
                 reply = control.encode_reply(result)
             except JiaoziError as exc:
                 reply = control.encode_reply(error=exc)
@@ -286,6 +292,16 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 nursery.cancel_scope.cancel()
                 return
 
+    async def group_commit() -> None:
+        # Metadata changes (mkdir, rename, chmod...) become durable within
+        # COMMIT_INTERVAL even when no close or fsync comes.
+        while True:
+            await trio.sleep(COMMIT_INTERVAL)
+            try:
+                ops.repo.store.commit_batch()
+            except JiaoziError as exc:
+                log.error("group commit failed: %s", exc)
+
     async def fuse_main() -> None:
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         # returns when the filesystem was unmounted from outside
@@ -295,6 +311,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         await nursery.start(signals)
         await nursery.start(serve_control)
         nursery.start_soon(fuse_main)
+        nursery.start_soon(group_commit)
         tell("ready")
 
 

@@ -122,8 +122,11 @@ class Ops(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, repo: Repository, read_only: bool = False, info: dict | None = None):
+    def __init__(self, repo: Repository, read_only: bool = False, info: dict | None = None,
+                 lazy_close: bool = False):
         super().__init__()
+        #: when set, close() leaves the commit to the group-commit timer
+        self.lazy_close = lazy_close
         self.repo = repo
         self.wt = repo.worktree
         self.read_only = read_only
@@ -409,6 +412,7 @@ class Ops(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.wt.flush_all()
         self.repo.store.sync()
 
     # ------------------------------------------------------------ namespace
@@ -588,15 +592,21 @@ class Ops(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
+        # close(): the file's data and everything before it is committed to
+        # the store (it survives SIGKILL of this daemon).
         h = self.handles.get(fh)
         if h is not None and not h.snapshot:
             self.wt.flush(h.ino)
+            if not self.lazy_close:
+                self.repo.store.commit_batch()
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
+        # fsync(): on disk, meta page included (it survives a power loss).
         h = self.handles.get(fh)
         if h is not None and not h.snapshot:
             self.wt.flush(h.ino)
+        self.repo.store.sync()
 
     @handler
     async def release(self, fh: int) -> None:
