@@ -223,7 +223,7 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
         with contextlib.suppress(Exception):
             repo.close()
         del lock
-        log.info("unmounted %s", opts.mountpoint)
+        log.info("unmounted %s; request counts: %s", opts.mountpoint, ops.stats)
 
 
 async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
@@ -258,6 +258,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     await conn.send_all(control.encode_reply({"stopping": True}))
                     nursery.cancel_scope.cancel()
                     return
+                await ops.settle_all()
                 result = opsmod.run(ops.repo, name, args)
                 ops.repo.store.commit_batch()
                 reply = control.encode_reply(result)
@@ -303,13 +304,14 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 log.error("group commit failed: %s", exc)
 
     async def fuse_main() -> None:
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        await pyfuse3.main(min_tasks=1, max_tasks=16)
         # returns when the filesystem was unmounted from outside
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(signals)
         await nursery.start(serve_control)
+        ops.nursery = nursery
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
         tell("ready")

@@ -53,6 +53,20 @@ def _seg_cut(cid: bytes) -> bool:
 
 
 @dataclass(slots=True)
+class WritePlan:
+    """What :meth:`FileContent.prepare_write` hands to :meth:`FileContent.finish_write`."""
+
+    s0: int
+    s1: int
+    entries: list[Entry]
+    c0: int
+    c1: int
+    entries_before: list[Entry]
+    entries_after: list[Entry]
+    buf: bytearray
+
+
+@dataclass(slots=True)
 class Segment:
     length: int
     oid: bytes | None  # None: changed since load, must be encoded on save
@@ -221,8 +235,19 @@ class FileContent:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write *data* at *offset*, growing the file (with a hole) as needed."""
+        plan = self.prepare_write(offset, data)
+        if plan is not None:
+            self.finish_write(plan, list(chunk_and_hash(plan.buf)))
+
+    def prepare_write(self, offset: int, data: bytes | bytearray | memoryview) -> WritePlan | None:
+        """First half of :meth:`write`: gather the bytes to re-chunk.
+
+        The caller may chunk and hash ``plan.buf`` in another thread (it is
+        pure computation) and then call :meth:`finish_write`; the content must
+        not change in between.
+        """
         if not data:
-            return
+            return None
         if offset > self.size:
             gap = offset - self.size
             if gap >= HOLE_MIN:
@@ -232,8 +257,7 @@ class FileContent:
                 offset = self.size
         end = offset + len(data)
         if not self.segs:
-            self._replace_segments(0, 0, self._rechunk(data))
-            return
+            return WritePlan(0, 0, [], 0, 0, [], [], bytearray(data))
         # Segments touched: from the one holding `offset` (for an append, the
         # last) to the one holding end-1.
         s0, base = self._locate(min(offset, self.size - 1))
@@ -269,11 +293,20 @@ class FileContent:
                 entries_after = [(ZERO_ID, we - end)]
             else:
                 buf += self._entry_bytes(tail_id, tail_n)[end - starts[c1 - 1] :]
-        new = self._rechunk(buf)
+        return WritePlan(s0, s1, entries, c0, c1, entries_before, entries_after, buf)
+
+    def finish_write(self, plan: WritePlan, pieces: list[tuple[bytes, memoryview]]) -> None:
+        """Second half of :meth:`write`: splice the new chunks in and resync."""
+        new: list[Entry] = []
+        for cid, piece in pieces:
+            if cid not in self.pending:
+                self.pending[cid] = bytes(piece)
+            new.append((cid, len(piece)))
+        s0, s1, entries, c1 = plan.s0, plan.s1, plan.entries, plan.c1
         rest = entries[c1:]
         # Re-chunk past the edit until a new boundary meets an old one; from
         # there on the old chunks are what a fresh chunking would give.
-        while new and not entries_after:
+        while new and not plan.entries_after:
             if not rest:
                 if s1 < len(self.segs):
                     rest = list(self._load(self.segs[s1]))
@@ -289,7 +322,10 @@ class FileContent:
                 break
             new = new[:-1] + self._rechunk(joined)
             rest = rest[1:]
-        self._replace_segments(s0, s1, entries[:c0] + entries_before + new + entries_after + rest)
+        self._replace_segments(
+            s0, s1,
+            entries[: plan.c0] + plan.entries_before + new + plan.entries_after + rest,
+        )
 
     def _append_entries(self, entries: list[Entry]) -> None:
         if not self.segs:

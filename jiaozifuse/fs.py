@@ -34,6 +34,7 @@ anything else is logged with a traceback and becomes EIO.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -46,7 +47,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
+import trio
 
+from .chunking import chunk_and_hash
 from .errors import JiaoziError, NotFound
 from .filecontent import FileContent
 from .objects import TreeEntry
@@ -67,6 +70,12 @@ BRANCH_TIMEOUT = 60.0
 ROOT_TIMEOUT = 1.0
 NEG_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
+#: A file's write buffer is chunked in the background once it holds this much.
+SPILL_BYTES = 16 << 20
+
+
+def _chunk_all(buf: bytearray) -> list[tuple[bytes, memoryview]]:
+    return list(chunk_and_hash(buf))
 
 
 def handler(fn: Callable) -> Callable:
@@ -145,6 +154,11 @@ class Ops(pyfuse3.Operations):
         #: branch name -> root inode, refreshed on every root lookup/readdir
         self.branch_roots: dict[str, int] = {}
         self.stats = {"ops": 0}
+        #: inode -> event set when its background chunking has finished
+        self.busy: dict[int, trio.Event] = {}
+        #: set by the daemon: where background chunking tasks run
+        self.nursery: trio.Nursery | None = None
+        self.cpu = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------ attributes
 
@@ -412,6 +426,7 @@ class Ops(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.settle_all()
         self.wt.flush_all()
         self.repo.store.sync()
 
@@ -516,6 +531,8 @@ class Ops(pyfuse3.Operations):
                       ctx: Any) -> pyfuse3.EntryAttributes:
         if ino < 1024 or ino >= SNAP_BASE or self.read_only:
             raise _erofs()
+        if fields.update_size:
+            await self.settle(ino)
         node = self.wt.setattr(
             ino,
             mode=attr.st_mode if fields.update_mode else None,
@@ -555,6 +572,7 @@ class Ops(pyfuse3.Operations):
             raise _erofs()
         self.wt.open(ino)
         if flags & os.O_TRUNC and writable:
+            await self.settle(ino)
             self.wt.truncate(ino, 0)
         fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -579,6 +597,8 @@ class Ops(pyfuse3.Operations):
             content = self.snaps[h.ino].content
             assert content is not None
             return content.read(off, size)
+        if h.ino in self.busy:
+            await self.settle(h.ino)
         return self.wt.read(h.ino, off, size)
 
     @handler
@@ -586,9 +606,77 @@ class Ops(pyfuse3.Operations):
         h = self.handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        of = self.wt.open_files[h.ino]
+        self.stats["writes"] = self.stats.get("writes", 0) + 1
+        self.stats["write_bytes"] = self.stats.get("write_bytes", 0) + len(buf)
         if h.append:
-            off = self.wt.open_files[h.ino].size
-        return self.wt.write(h.ino, off, buf)
+            off = of.size
+        if of.inflight_end and off != of.append_end:
+            await self.settle(h.ino)
+        n = self.wt.write(h.ino, off, buf, auto_spill=self.nursery is None)
+        if len(of.buf) >= SPILL_BYTES and self.nursery is not None:
+            await self._start_spill(h.ino)
+        return n
+
+    async def _start_spill(self, ino: int) -> None:
+        """Chunk and hash a full write buffer in a worker thread.
+
+        The write that filled the buffer returns at once, so the writer's
+        next 16 MiB arrive while this one is chunked: copying (this thread)
+        and chunking (a worker) overlap on two cores.  Until the task ends,
+        any operation on the file's content other than appending waits in
+        :meth:`settle`; at most one buffer per file is in flight.
+        """
+        if ino in self.busy:
+            await self.settle(ino)
+        of = self.wt.open_files[ino]
+        data_off, data = of.buf_off, of.buf
+        of.buf = bytearray()
+        of.buf_off = data_off + len(data)
+        plan = of.content.prepare_write(data_off, data)
+        if plan is None:
+            return
+        of.inflight_end = data_off + len(data)
+        done = trio.Event()
+        self.busy[ino] = done
+        assert self.nursery is not None
+        self.nursery.start_soon(self._spill, ino, of, plan, done)
+
+    async def _spill(self, ino: int, of: Any, plan: Any, done: trio.Event) -> None:
+        pieces = None
+        try:
+            pieces = await trio.to_thread.run_sync(_chunk_all, plan.buf, limiter=self.cpu)
+        except Exception:
+            log.exception("background chunking of inode %d failed; retrying inline", ino)
+        finally:
+            # Runs on cancellation too (unmount): the buffer was detached from
+            # the file, so it must be spliced in here or it would be lost.
+            try:
+                if pieces is None:
+                    pieces = _chunk_all(plan.buf)
+                of.content.finish_write(plan, pieces)
+                self.wt.store_pending(of)
+            except Exception as exc:
+                log.error("background write of inode %d failed: %s", ino, exc)
+                of.error = exc
+            finally:
+                of.inflight_end = 0
+                self.busy.pop(ino, None)
+                done.set()
+
+    async def settle(self, ino: int) -> None:
+        """Wait for background work on *ino*; re-raise its error once."""
+        while (ev := self.busy.get(ino)) is not None:
+            await ev.wait()
+        of = self.wt.open_files.get(ino)
+        if of is not None and of.error is not None:
+            err, of.error = of.error, None
+            raise err
+
+    async def settle_all(self) -> None:
+        for ino in list(self.busy):
+            with contextlib.suppress(Exception):
+                await self.settle(ino)
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -596,6 +684,7 @@ class Ops(pyfuse3.Operations):
         # the store (it survives SIGKILL of this daemon).
         h = self.handles.get(fh)
         if h is not None and not h.snapshot:
+            await self.settle(h.ino)
             self.wt.flush(h.ino)
             if not self.lazy_close:
                 self.repo.store.commit_batch()
@@ -605,6 +694,7 @@ class Ops(pyfuse3.Operations):
         # fsync(): on disk, meta page included (it survives a power loss).
         h = self.handles.get(fh)
         if h is not None and not h.snapshot:
+            await self.settle(h.ino)
             self.wt.flush(h.ino)
         self.repo.store.sync()
 
@@ -623,6 +713,8 @@ class Ops(pyfuse3.Operations):
                         del self.snaps[h.ino]
                         self.snap_index.pop((n.parent, n.entry.name), None)
             return
+        with contextlib.suppress(Exception):
+            await self.settle(h.ino)
         self.wt.release(h.ino)
 
     # ---------------------------------------------------------------- xattrs

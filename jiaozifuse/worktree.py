@@ -151,7 +151,10 @@ class OpenFile:
     writes, reads and truncates first apply the buffer to ``content``.
     """
 
-    __slots__ = ("buf", "buf_off", "content", "dirty", "inode", "opens", "written")
+    __slots__ = (
+        "buf", "buf_off", "content", "dirty", "error", "inflight_end", "inode", "opens",
+        "written",
+    )
 
     def __init__(self, inode: Inode, content: FileContent) -> None:
         self.inode = inode
@@ -161,10 +164,25 @@ class OpenFile:
         self.buf_off = 0
         self.dirty = False  # content or attributes differ from the stored record
         self.written = False  # written since open (for close_write events)
+        #: end offset of a buffer being chunked in the background (fs.py), or 0
+        self.inflight_end = 0
+        #: an error from background work, reported by the next flush/fsync
+        self.error: BaseException | None = None
 
     @property
     def size(self) -> int:
-        return max(self.content.size, self.buf_off + len(self.buf) if self.buf else 0)
+        return max(
+            self.content.size,
+            self.buf_off + len(self.buf) if self.buf else 0,
+            self.inflight_end,
+        )
+
+    @property
+    def append_end(self) -> int | None:
+        """Where a write must start to be a sequential append to pending data."""
+        if self.buf:
+            return self.buf_off + len(self.buf)
+        return self.inflight_end or None
 
     def apply_buffer(self) -> None:
         if self.buf:
@@ -656,8 +674,12 @@ class Worktree:
             of.apply_buffer()
         return of.content.read(offset, size)
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
-        """Buffer a write; returns the number of bytes taken."""
+    def write(self, ino: int, offset: int, data: bytes, auto_spill: bool = True) -> int:
+        """Buffer a write; returns the number of bytes taken.
+
+        With *auto_spill* false the caller (fs.py) chunks full buffers itself,
+        in the background.
+        """
         of = self.open_files[ino]
         if of.buf and offset == of.buf_off + len(of.buf):
             of.buf += data
@@ -671,7 +693,7 @@ class Worktree:
         ts = now_ns()
         of.inode.mtime_ns = of.inode.ctime_ns = ts
         of.dirty = of.written = True
-        if len(of.buf) >= FLUSH_BYTES:
+        if auto_spill and len(of.buf) >= FLUSH_BYTES:
             self.spill(ino)
         return len(data)
 
@@ -681,6 +703,10 @@ class Worktree:
         if of is None:
             return
         of.apply_buffer()
+        self.store_pending(of)
+
+    def store_pending(self, of: OpenFile) -> None:
+        """Store an open file's new chunks, all but the last (see below)."""
         pending = of.content.pending
         # The last chunk may still be cut differently once more data arrives:
         # keep it back so that streaming leaves no garbage chunks behind.
