@@ -65,6 +65,8 @@ MARKER = 4
 SNAP_BASE = 1 << 48
 MARKER_NAME = b".jiaozifuse-mount"
 
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
 SNAP_TIMEOUT = 3600.0
 BRANCH_TIMEOUT = 60.0
 ROOT_TIMEOUT = 1.0
@@ -186,6 +188,9 @@ class Ops(pyfuse3.Operations):
             a.st_size = 4096
         elif node.is_symlink:
             a.st_size = len(node.target)
+        elif node.is_special:
+            a.st_size = 0
+            a.st_rdev = node.rdev
         else:
             of = self.wt.open_files.get(node.ino)
             a.st_size = of.size if of is not None else node.size
@@ -205,6 +210,8 @@ class Ops(pyfuse3.Operations):
         a.st_nlink = 2 if e.is_dir else 1
         a.st_uid, a.st_gid = e.uid, e.gid
         a.st_size = 4096 if e.is_dir else len(e.ref) if e.is_symlink else e.size
+        if stat.S_IFMT(e.mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            a.st_rdev = int.from_bytes(e.ref, "big")
         a.st_blksize = BLKSIZE
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
@@ -280,6 +287,8 @@ class Ops(pyfuse3.Operations):
     @handler
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.stats["ops"] += 1
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if name == b".":
             return self._remember(self._attr(parent))
         if parent == ROOT:
@@ -469,11 +478,11 @@ class Ops(pyfuse3.Operations):
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self._check_writable(parent)
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        kind = stat.S_IFMT(mode)
         p = self.wt.getattr(parent)
-        uid, gid, mode = self._owner(p, ctx, stat.S_IFREG | (mode & ~ctx.umask & 0o7777))
-        return self._wt_attr(self.wt.create(parent, name, mode, uid, gid))
+        uid, gid, mode = self._owner(p, ctx, kind | (mode & ~ctx.umask & 0o7777))
+        target = rdev.to_bytes(8, "big") if kind in (stat.S_IFCHR, stat.S_IFBLK) else b""
+        return self._wt_attr(self.wt.create(parent, name, mode, uid, gid, target=target))
 
     @handler
     async def symlink(self, parent: int, name: bytes, target: bytes,
@@ -725,6 +734,10 @@ class Ops(pyfuse3.Operations):
             raise _erofs()
         if name.startswith(b"user.jiaozi."):
             raise pyfuse3.FUSEError(errno.EPERM)
+        if not name.startswith(XATTR_NAMESPACES):
+            # system.* (POSIX ACLs among them) and unknown namespaces: tools
+            # such as cp -a fall back to chmod when ACLs are refused.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.wt.setxattr(ino, name, value)
 
     @handler

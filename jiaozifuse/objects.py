@@ -12,9 +12,11 @@ every machine) and named by the blake3 hash of ``type byte + payload``:
 ``T`` tree
     canonical CBOR ``[1, [entry, ...]]`` with entries sorted by name bytes;
     entry = ``[name, mode, uid, gid, mtime_ns, size, ref, xattrs]`` where
-    *ref* is the manifest id (file), the tree id (directory) or the target
-    bytes (symlink), *size* is the file size, or for a directory the logical
-    bytes beneath it (so ``stats`` is O(1) per commit).
+    *ref* is the manifest id (file), the tree id (directory), the target
+    bytes (symlink), the device number as 8 big-endian bytes (character and
+    block devices) or empty (FIFOs, sockets); *size* is the file size, or
+    for a directory the logical bytes beneath it (so ``stats`` is O(1) per
+    commit).
 ``C`` commit
     canonical CBOR map with ``tree, parents, author, time_ns, message, meta``.
 
@@ -33,6 +35,11 @@ import cbor2
 
 from .chunking import ID_LEN, hash_bytes
 from .errors import Corrupt
+
+_TYPES = (
+    stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+    stat.S_IFBLK,
+)
 
 MANIFEST = b"M"
 TREE = b"T"
@@ -175,7 +182,11 @@ def decode_tree(data: bytes) -> Tree:
         kind = stat.S_IFMT(mode)
         if kind in (stat.S_IFREG, stat.S_IFDIR) and len(ref) != ID_LEN:
             raise Corrupt("tree entry with a bad object id")
-        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and len(ref) != 8:
+            raise Corrupt("device entry without an 8-byte device number")
+        if kind in (stat.S_IFIFO, stat.S_IFSOCK) and ref:
+            raise Corrupt("FIFO or socket entry with data")
+        if kind not in _TYPES:
             raise Corrupt(f"tree entry of unsupported type {kind:o}")
         xs = tuple(sorted((k, v) for k, v in xattrs.items()))
         if not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in xs):

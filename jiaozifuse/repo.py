@@ -729,6 +729,14 @@ class Repository:
                 os.symlink(e.ref, target)
                 os.utime(target, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
                 count += 1
+            elif not e.is_file:
+                kind = stat.S_IFMT(e.mode)
+                if kind == stat.S_IFSOCK:
+                    continue  # a socket is only meaningful to the process that bound it
+                rdev = int.from_bytes(e.ref, "big") if e.ref else 0
+                os.mknod(target, kind | stat.S_IMODE(e.mode), rdev)
+                _apply_meta(target, e)
+                count += 1
             else:
                 fc = self.file_content(e.ref)
                 with open(target, "wb") as f:

@@ -52,6 +52,10 @@ from .objects import (
 from .store import Store, Txn, from_u64, u64
 
 FIRST_INO = 1024
+SUPPORTED_TYPES = (
+    stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+    stat.S_IFBLK,
+)
 NAME_MAX = 255
 
 #: Write buffers larger than this are chunked and stored before close.
@@ -123,20 +127,34 @@ class Inode:
     @classmethod
     def from_entry(cls, ino: int, e: TreeEntry, parent: int) -> Inode:
         is_dir = e.is_dir
+        special = not (is_dir or e.is_file)
         return cls(
             ino, e.mode, e.uid, e.gid, 2 if is_dir else 1, e.size, e.mtime_ns, e.mtime_ns,
             e.mtime_ns,
-            ref=None if e.is_symlink else e.ref,
-            target=e.ref if e.is_symlink else b"",
+            ref=None if special else e.ref,
+            target=e.ref if special else b"",
             xattrs=dict(e.xattrs),
             links=[(parent, e.name)],
             loaded=not is_dir,
         )
 
+    @property
+    def is_special(self) -> bool:
+        """Symlinks, FIFOs, sockets and devices: no content, ``target`` says it all
+        (the link target, or the device number as 8 big-endian bytes)."""
+        return not (self.is_dir or self.is_file)
+
+    @property
+    def rdev(self) -> int:
+        kind = stat.S_IFMT(self.mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and len(self.target) == 8:
+            return int.from_bytes(self.target, "big")
+        return 0
+
     def entry(self, name: bytes) -> TreeEntry:
-        ref = self.target if self.is_symlink else self.ref
+        ref = self.target if self.is_special else self.ref
         assert ref is not None, "entry() of a dirty directory"
-        size = len(self.target) if self.is_symlink else self.size
+        size = len(self.target) if self.is_symlink else 0 if self.is_special else self.size
         return TreeEntry(
             name, self.mode, self.uid, self.gid, self.mtime_ns, size, ref,
             tuple(sorted(self.xattrs.items())),
@@ -412,8 +430,8 @@ class Worktree:
         """Create a file, directory or symlink named *name* in *parent*."""
         self.check_name(name)
         kind = stat.S_IFMT(mode)
-        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-            raise JiaoziError("only files, directories and symlinks are supported", errno.EPERM)
+        if kind not in SUPPORTED_TYPES:
+            raise JiaoziError(f"unsupported file type {kind:o}", errno.EPERM)
         with self.store.write() as w:
             p = self._ensure_loaded(w, self._get(w, parent))
             if not p.is_dir:
