@@ -272,12 +272,7 @@ CASES: list[tuple[str, Callable[[Path], Any]]] = [
     ("create_in_removed_dir", _create_in_removed_dir),
     ("mkfifo", lambda b: (os.mkfifo(b / "fifo"), stat.S_ISFIFO(os.lstat(b / "fifo").st_mode))[1]),
 ]
-_LOOKUP_256 = "BUG: lookup of a 256-byte name gives ENOENT, not ENAMETOOLONG"
-XFAIL = {
-    "stat_256": _LOOKUP_256,
-    "unlink_256": _LOOKUP_256,
-    "mkfifo": "BUG: mknod of a FIFO gives EPERM (a local fs creates it)",
-}
+XFAIL: dict[str, str] = {}  # case id -> reason, for bugs not fixed yet
 PARAMS = [pytest.param(name, fn, id=name,
                        marks=[pytest.mark.xfail(reason=XFAIL[name], strict=True)]
                        if name in XFAIL else [])
@@ -295,14 +290,20 @@ def test_unix_socket_in_branch(pair: tuple[Path, Path]) -> None:
     """A program binding a unix socket in its working directory (gpg-agent, tmux, ...)."""
     import socket
 
-    def bind(b: Path) -> bool:
+    def bind(b: Path) -> tuple:
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(str(b / "sock"))
-        return stat.S_ISSOCK(os.lstat(b / "sock").st_mode)
+            s.listen(1)
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(b / "sock"))
+                conn, _ = s.accept()
+                c.sendall(b"ping")
+                got = conn.recv(4)
+                conn.close()
+        st = os.lstat(b / "sock")
+        return stat.S_ISSOCK(st.st_mode), got, sorted(os.listdir(b))
 
-    if outcome(bind, pair[1]) != ("ok", True):
-        pytest.xfail("BUG: mknod of a socket gives EPERM; bind() of a unix socket fails")
-    same(pair, lambda b: stat.S_ISSOCK(os.lstat(b / "sock").st_mode))
+    assert same(pair, bind) == ("ok", (True, b"ping", ["sock"]))
 
 
 # -------------------------------------------------------------- sparse files
@@ -661,9 +662,8 @@ def test_user_xattrs(pair: tuple[Path, Path]) -> None:
     same(pair, fn)
 
 
-@pytest.mark.xfail(reason="BUG: setxattr accepts names outside the user/trusted/security/system "
-                   "namespaces (a local fs: EOPNOTSUPP)", strict=True)
 def test_xattr_unknown_namespace(pair: tuple[Path, Path]) -> None:
+    """Names outside user/trusted/security/system: EOPNOTSUPP, as on a local fs."""
     def fn(b: Path) -> None:
         (b / "x").write_text("x")
         os.setxattr(b / "x", "bogus.name", b"1")
@@ -676,9 +676,8 @@ ACL_0640 = (b"\x02\x00\x00\x00" b"\x01\x00\x06\x00\xff\xff\xff\xff"
             b"\x04\x00\x04\x00\xff\xff\xff\xff" b"\x20\x00\x00\x00\xff\xff\xff\xff")
 
 
-@pytest.mark.xfail(reason="BUG: system.posix_acl_access is stored as an opaque xattr and the "
-                   "mode is not changed (cp -a/cp -p set modes this way)", strict=True)
 def test_posix_acl_xattr_sets_mode(pair: tuple[Path, Path]) -> None:
+    """cp -a, cp -p and sed -i set modes through this xattr: it must not be a silent no-op."""
     def fn(b: Path) -> Any:
         (b / "a").write_text("x")
         os.chmod(b / "a", 0o644)
