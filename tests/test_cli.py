@@ -353,6 +353,13 @@ def test_log_ref_and_max_count(repo: Repo) -> None:
     user_error(repo.run("log", "nope"), "nope")
 
 
+@pytest.mark.xfail(reason="BUG: `log -n 0` prints one commit: Repository.log checks the "
+                          "limit only after yielding", strict=True)
+def test_log_max_count_zero_prints_nothing(repo: Repo) -> None:
+    repo.commit({"a": "1"}, "one")
+    assert repo.json("log", "-n", "0") == []
+
+
 # --------------------------------------------------------------------- show
 
 
@@ -407,6 +414,15 @@ def test_show_dir_json_and_symlink(repo: Repo) -> None:
     assert commit["type"] == "commit" and commit["id"] == cid
 
 
+@pytest.mark.xfail(reason="BUG: `show REF:/` prints the commit, not the root directory "
+                          "(op_show treats a root entry like no path)", strict=True)
+def test_show_root_directory(repo: Repo) -> None:
+    repo.commit({"top.csv": "1", "d/x": "2"}, "one")
+    info = repo.json("show", "main:/")
+    assert info["type"] == "tree"
+    assert [e["name"] for e in info["entries"]] == ["d", "top.csv"]
+
+
 # --------------------------------------------------------------------- diff
 
 
@@ -451,6 +467,27 @@ def test_rewriting_identical_bytes_is_no_change(repo: Repo) -> None:
     assert second != first
     assert repo.json("diff", first, second) == []
     assert repo.ok("diff", first, second).out == b""
+
+
+@pytest.mark.xfail(reason="BUG: after rewriting a file with identical bytes (new mtime) "
+                          "`status` says nothing to commit but `commit` (no --allow-empty) "
+                          "makes a commit whose diff is empty: commit compares tree ids, "
+                          "which include mtime, status compares (mode, content)",
+                   strict=True)
+def test_status_and_commit_agree_after_identical_rewrite(repo: Repo) -> None:
+    src = repo.work / "same"
+    make_files(src, {"t.txt": "text\n"})
+    repo.ok("import", str(src))
+    first = repo.json("commit", "-m", "first")["id"]
+    os.utime(src / "t.txt", ns=(1_000_000_000, 1_000_000_000))
+    repo.ok("import", str(src))
+    clean = repo.json("status")["changes"] == []
+    res = repo.run("commit", "-m", "again")
+    if clean:
+        user_error(res, "nothing to commit")
+        assert repo.head() == first
+    else:
+        assert res.code == 0, str(res)
 
 
 # --------------------------------------------------------------------- tags
