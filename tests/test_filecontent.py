@@ -71,6 +71,14 @@ def make_data(kind: str, seed: int, n: int) -> bytes:
     return (pat * (n // len(pat) + 1))[:n]
 
 
+def split_write(fc: FileContent, off: int, data: bytes) -> None:
+    """write() as the fs layer does it: prepare, chunk elsewhere, finish."""
+    plan = fc.prepare_write(off, data)
+    if plan is not None:
+        pieces = list(chunk_and_hash(plan.buf))
+        fc.finish_write(plan, pieces)
+
+
 def check_full(fc: FileContent, model: bytearray) -> None:
     assert fc.size == len(model)
     assert fc.read(0, len(model) + 10) == bytes(model)
@@ -261,7 +269,10 @@ def run_model(ops, seg) -> None:
                 data = make_data(kind, seed, n)
                 if off - len(model) >= HOLE_MIN:
                     had_hole = True
-                fc.write(off, data)
+                if seed % 2:
+                    split_write(fc, off, data)
+                else:
+                    fc.write(off, data)
                 if off > len(model):
                     model.extend(bytes(off - len(model)))
                 model[off : off + n] = data

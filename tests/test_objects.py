@@ -150,6 +150,17 @@ def test_tree_round_trip():
     assert encode_tree(tree.entries).hex() == TREE_HEX
 
 
+def test_special_entries_round_trip():
+    specials = [
+        TreeEntry(b"fifo", stat.S_IFIFO | 0o600, 0, 0, 5, 0, b""),
+        TreeEntry(b"sock", stat.S_IFSOCK | 0o600, 0, 0, 5, 0, b""),
+        TreeEntry(b"chr", stat.S_IFCHR | 0o666, 0, 0, 5, 0, (259).to_bytes(8, "big")),
+        TreeEntry(b"blk", stat.S_IFBLK | 0o660, 0, 0, 5, 0, (2049).to_bytes(8, "big")),
+    ]
+    enc = encode_tree(specials)
+    assert decode_tree(enc).entries == tuple(sorted(specials, key=lambda e: e.name))
+
+
 def test_tree_rejects_duplicate_names_on_encode():
     with pytest.raises(ValueError):
         encode_tree([FILE, FILE])
@@ -236,7 +247,12 @@ BAD_TREES = [
     _cbor_tree([_row(ref="abc")]),
     _cbor_tree([_row(ref=b"short")]),
     _cbor_tree([_row(mode=stat.S_IFDIR | 0o755, ref=b"short")]),
-    _cbor_tree([_row(mode=stat.S_IFCHR | 0o644)]),
+    _cbor_tree([_row(mode=stat.S_IFCHR | 0o644)]),  # a device number is 8 bytes
+    _cbor_tree([_row(mode=stat.S_IFBLK | 0o644, ref=b"1234")]),
+    _cbor_tree([_row(mode=stat.S_IFIFO | 0o644, ref=b"data")]),
+    _cbor_tree([_row(mode=stat.S_IFSOCK | 0o644, ref=b"x")]),
+    _cbor_tree([_row(mode=0o644)]),  # no type bits
+    _cbor_tree([_row(mode=0o170000 | 0o644)]),
     _cbor_tree([_row(xattrs=[])]),
     _cbor_tree([_row(xattrs={b"user.a": "text"})]),
     _cbor_tree([_row(xattrs={"user.a": b"v"})]),
