@@ -10,7 +10,9 @@ Named databases (a key's first bytes say which record it is):
 ``dirents``   parent inode + name -> child inode number + listing sequence
 ``dirseq``    parent inode + listing sequence -> name (stable readdir offsets)
 ``orphans``   inode number of an unlinked inode still held open
-``upload``    reserved for the S3 upload queue
+``upload``    the S3 upload queue: sequence number -> chunk, object or ref update
+``located``   chunk/object id -> where the remote holds it (pack, offset, length)
+``access``    chunk id -> last read (coarse clock), for least-recently-used eviction
 ``events``    reserved for the event log
 
 Concurrency and durability rules (the rest of the code relies on them):
@@ -47,11 +49,13 @@ from .errors import Corrupt, FormatError, JiaoziError, StoreFull
 FORMAT_VERSION = 1
 DBS = (
     "meta", "chunks", "objects", "refs", "inodes", "dirents", "dirseq", "orphans", "upload",
-    "events",
+    "events", "located", "access",
 )
 MAP_SIZE = 1 << 40  # address space only; the file grows as data arrives
 
 _U64 = struct.Struct("<Q")
+#: refs shared through the remote (worktree roots, ``wt/``, stay local)
+SHARED_REFS = (b"branch/", b"tag/")
 
 
 def u64(n: int) -> bytes:
@@ -69,22 +73,40 @@ def _be64(n: int) -> bytes:
 class Txn:
     """A transaction handle that knows the named databases."""
 
-    __slots__ = ("_dbs", "_new_chunk_bytes", "txn")
+    __slots__ = ("_dbs", "_new_chunk_bytes", "queue", "txn")
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database],
+                 queue: bool = False) -> None:
         self.txn = txn
         self._dbs = dbs
         self._new_chunk_bytes = 0
+        #: the repository has a remote: new chunks, objects and ref changes
+        #: are queued for upload in the same transaction that stores them,
+        #: so a crash can never lose queued work.
+        self.queue = queue
 
     # generic access
     def get(self, db: str, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self._dbs[db])
 
     def put(self, db: str, key: bytes, value: bytes, overwrite: bool = True) -> bool:
-        return self.txn.put(key, value, db=self._dbs[db], overwrite=overwrite)
+        done = self.txn.put(key, value, db=self._dbs[db], overwrite=overwrite)
+        if db == "refs" and self.queue and done and key.startswith(SHARED_REFS):
+            self.enqueue(b"R\1" + value + key)
+        return done
 
     def delete(self, db: str, key: bytes) -> bool:
-        return self.txn.delete(key, db=self._dbs[db])
+        done = self.txn.delete(key, db=self._dbs[db])
+        if db == "refs" and self.queue and done and key.startswith(SHARED_REFS):
+            self.enqueue(b"R\0" + bytes(32) + key)
+        return done
+
+    def enqueue(self, entry: bytes) -> None:
+        seq = self.add_counter("upload_seq", 1)
+        self.txn.put(_be64(seq), entry, db=self._dbs["upload"])
+
+    def is_located(self, oid: bytes) -> bool:
+        return self.txn.cursor(db=self._dbs["located"]).set_key(oid)
 
     def cursor(self, db: str) -> lmdb.Cursor:
         return self.txn.cursor(db=self._dbs[db])
@@ -111,13 +133,18 @@ class Txn:
         added = self.txn.put(cid, data, db=self._dbs["chunks"], overwrite=False)
         if added:
             self._new_chunk_bytes += len(data)
+            if self.queue and not self.is_located(cid):
+                self.enqueue(b"C" + cid)
         return added
 
     def get_object(self, oid: bytes) -> bytes | None:
         return self.txn.get(oid, db=self._dbs["objects"])
 
     def put_object(self, oid: bytes, data: bytes) -> bool:
-        return self.txn.put(oid, data, db=self._dbs["objects"], overwrite=False)
+        added = self.txn.put(oid, data, db=self._dbs["objects"], overwrite=False)
+        if added and self.queue and not self.is_located(oid):
+            self.enqueue(b"O" + oid)
+        return added
 
     # counters
     def counter(self, name: str) -> int:
@@ -142,6 +169,8 @@ class Store:
         self.dbs = {name: env.open_db(name.encode()) for name in DBS}
         self._batch: lmdb.Transaction | None = None
         self.batch_dirty = False
+        #: set when the repository has a remote (see Txn.queue)
+        self.queue_uploads = False
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -204,8 +233,14 @@ class Store:
     def read(self) -> Iterator[Txn]:
         """A read transaction; inside a batch, the batch itself (it sees its own writes)."""
         if self._batch is not None:
-            yield Txn(self._batch, self.dbs)
+            yield Txn(self._batch, self.dbs, self.queue_uploads)
             return
+        with self.env.begin(buffers=False) as txn:
+            yield Txn(txn, self.dbs, self.queue_uploads)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Txn]:
+        """A read transaction of the committed state, usable from any thread."""
         with self.env.begin(buffers=False) as txn:
             yield Txn(txn, self.dbs)
 
@@ -225,7 +260,7 @@ class Store:
                 txn = self.env.begin(write=True)
         except lmdb.Error as exc:
             raise _translate(exc, self.path) from None
-        t = Txn(txn, self.dbs)
+        t = Txn(txn, self.dbs, self.queue_uploads)
         try:
             yield t
             if t._new_chunk_bytes:
@@ -266,6 +301,13 @@ class Store:
             raise _translate(exc, self.path) from None
         finally:
             self.begin_batch()
+
+    def abort_batch(self) -> None:
+        """Drop everything written since the last commit of the batch."""
+        if self._batch is not None:
+            self._batch.abort()
+            self._batch = None
+            self.batch_dirty = False
 
     def end_batch(self) -> None:
         if self._batch is not None:

@@ -730,11 +730,15 @@ class Worktree:
         # keep it back so that streaming leaves no garbage chunks behind.
         segs = of.content.segs
         last = segs[-1].entries[-1][0] if segs and segs[-1].entries else None
-        of.content.pending = {last: pending.pop(last)} if last in pending else {}
-        if pending:
+        out = {k: v for k, v in pending.items() if k != last}
+        if out:
             with self.store.write() as w:
-                for cid, data in pending.items():
+                for cid, data in out.items():
                     w.put_chunk(cid, data)
+            # Only once they are stored: a failed write (full disk) keeps them
+            # pending, so the content never names a chunk the store lacks.
+            for cid in out:
+                pending.pop(cid, None)
 
     def truncate(self, ino: int, size: int) -> None:
         of = self.open_files.get(ino)
