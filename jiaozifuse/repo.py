@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import getpass
 import json
+import logging
 import os
 import re
 import socket
@@ -24,7 +25,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import writeback
 from .errors import BadName, Conflict, Corrupt, Exists, JiaoziError, NotFound
 from .filecontent import FileContent
 from .objects import (
@@ -39,8 +42,12 @@ from .objects import (
     encode_tree,
     object_id,
 )
+from .remote import Remote
 from .store import Store, Txn, from_u64, u64
 from .worktree import Inode, Worktree, now_ns
+from .writeback import AccessLog
+
+log = logging.getLogger("jiaozifuse.repo")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 HEX_RE = re.compile(r"[0-9a-f]{4,64}\Z")
@@ -91,7 +98,11 @@ class Repository:
         self.path = path
         self.store = store
         self.config = config
-        self.worktree = Worktree(store)
+        self.worktree = Worktree(store, read_chunk=self._read_chunk)
+        self._remote: Remote | None = None
+        self._batched_bytes = 0
+        self.access = AccessLog()
+        store.queue_uploads = bool(config.get("remote"))
         #: receivers of repository events: fn(type: str, **fields)
         self.listeners: list[Callable[..., None]] = []
         #: called as fn(branch, root_ino, names) when a branch's worktree is replaced
@@ -101,9 +112,16 @@ class Repository:
     # ----------------------------------------------------------- lifecycle
 
     @classmethod
-    def init(cls, path: str | Path, default_branch: str = "main") -> Repository:
+    def init(cls, path: str | Path, default_branch: str = "main", remote: str | None = None,
+             endpoint_url: str | None = None, cache_size: int | None = None) -> Repository:
         path = Path(path)
         check_ref_name(default_branch)
+        rem = None
+        if remote:
+            rem = Remote(remote, endpoint_url)
+            rem.check()
+            if rem.exists("config.json"):
+                raise Exists(f"{rem.url} already holds a repository: use 'jiaozifuse clone'")
         if (path / CONFIG).exists() or (path / "store" / "data.mdb").exists():
             raise Exists(f"{path} is already a jiaozifuse repository")
         if path.exists() and not path.is_dir():
@@ -114,8 +132,16 @@ class Repository:
         except OSError as exc:
             raise JiaoziError(f"cannot create a repository at {path}: {exc.strerror}",
                               exc.errno) from None
-        config = {"format": 1, "default_branch": default_branch}
+        config: dict = {"format": 1, "default_branch": default_branch,
+                        "cache_id": os.urandom(8).hex()}
+        if rem is not None:
+            config["remote"] = {"url": str(rem.url), "endpoint_url": rem.endpoint_url}
+            rem.put("config.json", json.dumps(
+                {"format": 1, "default_branch": default_branch}).encode(), IfNoneMatch="*")
+        if cache_size:
+            config["cache_size"] = cache_size
         repo = cls(path, store, config)
+        repo._remote = rem
         with store.write() as w:
             w.put_object(EMPTY_TREE_ID, EMPTY_TREE)
             c = Commit(EMPTY_TREE_ID, (), default_author(), now_ns(), "Repository created")
@@ -147,6 +173,124 @@ class Repository:
             raise JiaoziError(f"{cfg_path} is corrupt: {exc}") from None
         store = Store.open(path / "store", readonly=readonly)
         return cls(path, store, config)
+
+    @classmethod
+    def clone(cls, url: str, path: str | Path, endpoint_url: str | None = None,
+              cache_size: int | None = None) -> Repository:
+        """A new local cache over an existing remote repository."""
+        path = Path(path)
+        if (path / CONFIG).exists():
+            raise Exists(f"{path} is already a jiaozifuse repository")
+        rem = Remote(url, endpoint_url)
+        try:
+            raw, _ = rem.get("config.json")
+        except NotFound:
+            raise NotFound(f"no jiaozifuse repository at {rem.url}") from None
+        try:
+            rconf = json.loads(raw)
+            default_branch = check_ref_name(rconf["default_branch"])
+        except (ValueError, KeyError, TypeError):
+            raise JiaoziError(f"{rem.url}/config.json is corrupt") from None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            store = Store.create(path / "store")
+        except OSError as exc:
+            raise JiaoziError(f"cannot create a repository at {path}: {exc.strerror}",
+                              exc.errno) from None
+        config: dict = {
+            "format": 1, "default_branch": default_branch, "cache_id": os.urandom(8).hex(),
+            "remote": {"url": str(rem.url), "endpoint_url": rem.endpoint_url},
+        }
+        if cache_size:
+            config["cache_size"] = cache_size
+        repo = cls(path, store, config)
+        repo._remote = rem
+        repo.fetch()
+        _write_json_atomic(path / CONFIG, config)
+        return repo
+
+    @property
+    def remote(self) -> Remote:
+        if self._remote is None:
+            rem = writeback.remote_from_config(self.config)
+            if rem is None:
+                raise JiaoziError("this repository has no remote (init --remote or clone)")
+            self._remote = rem
+        return self._remote
+
+    def _read_chunk(self, cid: bytes) -> bytes | None:
+        with self.store.read() as r:
+            data = r.get_chunk(cid)
+        if data is None and self.config.get("remote"):
+            got = writeback.fetch_chunks(self.store, self.remote, [cid])
+            with self.store.write() as w:
+                writeback.store_fetched(w, got)
+            data = got.get(cid)
+        if data is not None and self.config.get("remote"):
+            self.access.touch(cid)
+        return data
+
+    def sync(self, progress: Callable[[int], None] | None = None) -> dict:
+        """Upload everything queued (blocking, this process)."""
+        self.worktree.flush_all()
+        return writeback.drain_sync(self.store, self.remote, progress)
+
+    def fetch(self) -> dict[str, Any]:
+        """Bring the remote's objects and refs; fast-forward what can be."""
+        rem = self.remote
+        got = writeback.download_metadata(self.store, rem)
+        updated, diverged = [], []
+        remote_refs = {}
+        for key in rem.list("refs/"):
+            name = key.removeprefix("refs/")
+            ref = rem.get_ref(name)
+            if ref is not None:
+                remote_refs[name] = ref
+        for name, (commit, etag) in sorted(remote_refs.items()):
+            kind, _, short = name.partition("/")
+            key = name.encode()
+            with self.store.read() as r:
+                local = r.get("refs", key)
+                known = r.get_object(commit) is not None
+            if not known:
+                log.warning("remote ref %s names %s, not in the remote's packs", name,
+                            commit.hex()[:12])
+                continue
+            with self.store.write() as w:
+                queue, w.queue = w.queue, False
+                try:
+                    w.put("meta", b"remote_etag/" + key, etag.encode() + b"\0" + commit)
+                    w.put("refs", b"remote/" + key, commit)
+                    if local is None:
+                        w.put("refs", key, commit)
+                        if kind == "branch":
+                            tree = self.get_commit(commit, w).tree
+                            root = self.worktree.create_root(w, tree, os.getuid(), os.getgid())
+                            w.put("refs", b"wt/" + short.encode(), u64(root))
+                        updated.append(name)
+                        continue
+                finally:
+                    w.queue = queue
+            if local == commit or self.is_ancestor(commit, local):
+                continue  # up to date, or ours is ahead (the push is queued)
+            if kind == "branch" and self.is_ancestor(local, commit) and self.is_clean(short):
+                with self.store.write() as w:
+                    queue, w.queue = w.queue, False
+                    try:
+                        w.put("refs", key, commit)
+                        self._reset_worktree(w, short, self.get_commit(commit, w).tree)
+                    finally:
+                        w.queue = queue
+                updated.append(name)
+            else:
+                diverged.append({"ref": name, "local": local.hex(), "remote": commit.hex()})
+        return {**got, "updated": updated, "diverged": diverged}
+
+    def remote_status(self) -> dict[str, Any]:
+        st = writeback.queue_status(self.store)
+        st["remote"] = self.config.get("remote", {}).get("url")
+        st["cache_size"] = self.config.get("cache_size")
+        return st
 
     def close(self) -> None:
         self.worktree.flush_all()
@@ -235,7 +379,10 @@ class Repository:
 
     def _resolve_base(self, ref: str) -> bytes:
         with self.store.read() as r:
-            for key in (b"branch/" + ref.encode(), b"tag/" + ref.encode()):
+            keys = [b"branch/" + ref.encode(), b"tag/" + ref.encode()]
+            if ref.startswith("remote/"):  # remote/NAME: the remote's head of branch NAME
+                keys = [b"remote/branch/" + ref[7:].encode(), b"remote/tag/" + ref[7:].encode()]
+            for key in keys:
                 v = r.get("refs", key)
                 if v is not None:
                     return v
@@ -358,7 +505,9 @@ class Repository:
             tree, _ = self.worktree.write_tree(w, self.root_ino(branch, w))
             if tree == parent_tree and not allow_empty:
                 raise JiaoziError(f"nothing to commit on {branch}")
-            changed = [c.path for c in self._diff_trees(w, parent_tree, tree)]
+            # The changed paths are for event listeners; without any, skip the diff.
+            changed = ([c.path for c in self._diff_trees(w, parent_tree, tree)]
+                       if self.listeners else [])
             cid = self._make_commit(w, tree, [head], message, meta, author)
             self.update_ref(w, branch, head, cid)
         self.emit("commit", branch=branch, commit=cid.hex(), paths=changed)
@@ -680,7 +829,20 @@ class Repository:
                     count += 1
                 # other types (sockets, devices, fifos) are skipped
 
-        copy_dir(src, base)
+        own_batch = self.store._batch is None
+        if own_batch:
+            # One durable commit per 64 MiB instead of several per file.
+            self.store.begin_batch()
+        try:
+            copy_dir(src, base)
+        except BaseException:
+            if own_batch:
+                # Nothing of a failed import stays (beyond whole 64 MiB steps).
+                self.worktree.open_files.clear()
+                self.store.abort_batch()
+            raise
+        if own_batch:
+            self.store.end_batch()
         self.emit("import", branch=branch, path=prefix, files=count)
         return count
 
@@ -698,6 +860,11 @@ class Repository:
                         break
                     wt.write(ino, off, block)
                     off += len(block)
+                    self._batched_bytes += len(block)
+                    if self._batched_bytes >= 64 << 20:
+                        self._batched_bytes = 0
+                        wt.spill(ino)
+                        self.store.commit_batch()
         finally:
             wt.release(ino)
 
