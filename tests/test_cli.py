@@ -932,12 +932,10 @@ def test_full_disk_message_says_no_space(tmp_path: Path) -> None:
 
 
 @needs_root
-@pytest.mark.xfail(reason="BUG: after a failed import on a full disk the worktree keeps "
-                          "the file with a manifest naming chunks that were never stored "
-                          "(Worktree.spill drops them from pending before its write "
-                          "transaction commits); a later commit references missing chunks "
-                          "and fsck fails", strict=True)
 def test_full_disk_leaves_no_dangling_file_in_the_worktree(tmp_path: Path) -> None:
+    # Regression: Worktree.spill used to drop chunks from pending before its
+    # write transaction committed, so after ENOSPC the worktree kept a file
+    # naming chunks the store never got, and committing it broke fsck.
     with tmpfs(tmp_path / "small", "8m"):
         r, cid, res = _fill_disk(tmp_path)
         user_error(res)
