@@ -102,14 +102,121 @@ def main(ctx: click.Context, repo: str | None, branch: str | None) -> None:
 # ----------------------------------------------------------------------- init
 
 
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in units and not t[-1:].isdigit() else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 512M, 20G)") from None
+    if value <= 0:
+        raise click.BadParameter("the size must be positive")
+    return int(value)
+
+
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--default-branch", default="main", show_default=True)
-def init(path: str, default_branch: str) -> None:
+@click.option("--remote", default=None, metavar="s3://BUCKET/PREFIX",
+              help="Keep the repository in S3 (the local store becomes a cache).")
+@click.option("--endpoint-url", default=None, help="S3 endpoint (for non-AWS stores).")
+@click.option("--cache-size", default=None, help="Bound on cached chunk bytes (e.g. 20G).")
+def init(path: str, default_branch: str, remote: str | None, endpoint_url: str | None,
+         cache_size: str | None) -> None:
     """Create a repository at PATH."""
-    Repository.init(path, default_branch).close()
+    Repository.init(path, default_branch, remote=remote, endpoint_url=endpoint_url,
+                    cache_size=_parse_size(cache_size)).close()
+    where = f", remote {remote}" if remote else ""
     click.echo(f"Initialised an empty repository at {Path(path).resolve()} "
-               f"(default branch {default_branch})")
+               f"(default branch {default_branch}{where})")
+
+
+@main.command()
+@click.argument("url", metavar="s3://BUCKET/PREFIX")
+@click.argument("path", type=click.Path())
+@click.option("--endpoint-url", default=None, help="S3 endpoint (for non-AWS stores).")
+@click.option("--cache-size", default=None, help="Bound on cached chunk bytes (e.g. 20G).")
+def clone(url: str, path: str, endpoint_url: str | None, cache_size: str | None) -> None:
+    """Make a new local cache at PATH over the repository at URL."""
+    repo = Repository.clone(url, path, endpoint_url, cache_size=_parse_size(cache_size))
+    n = len(repo.branches())
+    repo.close()
+    click.echo(f"Cloned {url} into {Path(path).resolve()} ({n} branches)")
+
+
+@main.command()
+@repo_options
+@json_option
+@click.pass_obj
+def fetch(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """Bring other machines' commits and branch heads from the remote."""
+    r = _ctx(obj, repo_opt).run("fetch")
+
+    def human(r: dict) -> None:
+        click.echo(f"fetched {r['packs']} pack(s); updated: {', '.join(r['updated']) or '-'}")
+        for d in r["diverged"]:
+            name = d["ref"].partition("/")[2]
+            click.echo(f"  {d['ref']}: diverged (local {d['local'][:12]}, remote "
+                       f"{d['remote'][:12]}): merge remote/{name}")
+
+    out(r, as_json, human)
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="Return once everything is durable in S3.")
+@repo_options
+@json_option
+@click.pass_obj
+def sync(obj: Ctx, wait: bool, repo_opt: str | None, as_json: bool) -> None:
+    """Upload what is queued; with --wait, until it is all in S3."""
+    c = _ctx(obj, repo_opt)
+    r = c.run("sync")
+    st = c.run("remote_status")
+    res = {"sent": r, "status": st}
+
+    def human(res: dict) -> None:
+        sent = res["sent"]
+        click.echo(f"uploaded {sent['packs']} pack(s), {_size(sent['bytes'])}, "
+                   f"{sent['refs']} ref(s)")
+        for cf in res["status"]["conflicts"]:
+            click.echo(f"  conflict on {cf['ref']}: local {cf['local'][:12]}, remote "
+                       f"{cf['remote'][:12]}")
+
+    out(res, as_json, human)
+    if st["conflicts"]:
+        sys.exit(1)
+
+
+@main.group()
+def remote() -> None:
+    """The repository's remote (S3)."""
+
+
+@remote.command("status")
+@repo_options
+@json_option
+@click.pass_obj
+def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """What is queued for upload, uploaded, and in conflict."""
+    st = _ctx(obj, repo_opt).run("remote_status")
+
+    def human(st: dict) -> None:
+        q = st["queued"]
+        click.echo(f"remote:   {st['remote'] or '(none)'}")
+        click.echo(f"queued:   {q['chunks']} chunks ({_size(st['queued_bytes'])}), "
+                   f"{q['objects']} objects, {q['refs']} ref updates")
+        click.echo(f"uploaded: {st['uploaded_objects']} chunks and objects in "
+                   f"{st['packs']} packs")
+        click.echo(f"cache:    {_size(st['cached_chunk_bytes'])}"
+                   + (f" of {_size(st['cache_size'])}" if st["cache_size"] else ""))
+        for cf in st["conflicts"]:
+            click.echo(f"conflict: {cf['ref']} local {cf['local'][:12]} remote "
+                       f"{cf['remote'][:12]}")
+
+    out(st, as_json, human)
 
 
 # ---------------------------------------------------------------------- mount
@@ -166,17 +273,18 @@ def _parse_meta(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--message", "-m", required=True)
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata.")
 @click.option("--allow-empty", is_flag=True)
+@click.option("--wait", is_flag=True, help="Return once the commit is durable in S3.")
 @repo_options
 @branch_option
 @json_option
 @click.pass_obj
-def commit(obj: Ctx, message: str, meta: tuple[str, ...], allow_empty: bool,
+def commit(obj: Ctx, message: str, meta: tuple[str, ...], allow_empty: bool, wait: bool,
            repo_opt: str | None, branch: str | None, as_json: bool) -> None:
     """Commit the branch's uncommitted changes."""
     c = _ctx(obj, repo_opt, branch)
     _, b = c.locate()
     r = c.run("commit", branch=b, message=message, meta=_parse_meta(meta),
-              allow_empty=allow_empty)
+              allow_empty=allow_empty, wait=wait)
     out(r, as_json, lambda r: click.echo(f"[{r['branch']} {r['id'][:12]}] {r['message']}"))
 
 
@@ -497,7 +605,7 @@ def _not_yet(name: str, issue: int) -> None:
         raise JiaoziError(f"'{name}' is not available in this version yet")
 
 
-for _name, _issue in (("events", 5), ("triggers", 5), ("remote", 4), ("sync", 4), ("gc", 7)):
+for _name, _issue in (("events", 5), ("triggers", 5), ("gc", 7)):
     _not_yet(_name, _issue)
 
 

@@ -230,8 +230,55 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
     import pyfuse3
     import trio
 
-    from . import control
+    from . import control, writeback
     from . import ops as opsmod
+
+    repo = ops.repo
+    wb: writeback.Writeback | None = None
+    if repo.config.get("remote"):
+        wb = writeback.Writeback(
+            repo.store, lambda: repo.remote, repo.is_ancestor_committed,
+            repo.config.get("cache_size"), repo.access,
+        )
+        fetch_limit = trio.CapacityLimiter(8)
+
+        async def fetcher(ids: list[bytes]) -> None:
+            got = await trio.to_thread.run_sync(
+                writeback.fetch_chunks, repo.store, repo.remote, ids, limiter=fetch_limit)
+            with repo.store.write() as w:
+                writeback.store_fetched(w, got)
+            for cid in got:
+                repo.access.touch(cid)
+
+        ops.fetcher = fetcher
+
+    async def run_op(name: str, args: dict) -> Any:
+        """Operations that wait on the remote run here, without blocking FUSE."""
+        if name == "sync":
+            if wb is None:
+                raise JiaoziError("this repository has no remote")
+            repo.worktree.flush_all()
+            before = wb.sent_bytes
+            await wb.drain()
+            return {"packs": 0, "bytes": wb.sent_bytes - before, "refs": 0}
+        if name == "commit" and args.get("wait"):
+            result = opsmod.run(repo, "commit", {**args, "wait": False})
+            repo.store.commit_batch()
+            if wb is None:
+                raise JiaoziError("this repository has no remote")
+            await wb.drain()
+            for c in repo.remote_status()["conflicts"]:
+                if c["ref"] == f"branch/{result['branch']}":
+                    raise JiaoziError(
+                        f"branch {result['branch']}: the remote moved to {c['remote'][:12]} "
+                        f"while this cache committed {c['local'][:12]}; run 'jiaozifuse "
+                        f"fetch' and merge remote/{result['branch']}", errno.EBUSY)
+            result["remote_durable"] = True
+            return result
+        result = opsmod.run(repo, name, args)
+        if wb is not None:
+            wb.poke()
+        return result
 
     async def handle(conn: trio.SocketStream) -> None:
         async with conn:
@@ -259,7 +306,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     nursery.cancel_scope.cancel()
                     return
                 await ops.settle_all()
-                result = opsmod.run(ops.repo, name, args)
+                result = await run_op(name, args)
                 ops.repo.store.commit_batch()
                 reply = control.encode_reply(result)
             except JiaoziError as exc:
@@ -314,6 +361,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         ops.nursery = nursery
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
+        if wb is not None:
+            nursery.start_soon(wb.run)
         tell("ready")
 
 

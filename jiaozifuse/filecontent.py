@@ -180,6 +180,26 @@ class FileContent:
             si += 1
         return bytes(out)
 
+    def ids_in_range(self, offset: int, size: int) -> list[bytes]:
+        """Ids of the stored chunks that hold bytes [offset, offset+size)."""
+        end = min(self.size, offset + size)
+        out: list[bytes] = []
+        if offset >= end:
+            return out
+        si = bisect.bisect_right(self._seg_offs, offset) - 1
+        while si < len(self.segs) and self._seg_offs[si] < end:
+            seg = self.segs[si]
+            base = self._seg_offs[si]
+            entries = self._load(seg)
+            ci = max(0, bisect.bisect_right(seg.offsets, offset - base) - 1)
+            while ci < len(entries) and base + seg.offsets[ci] < end:
+                cid = entries[ci][0]
+                if cid != ZERO_ID and cid not in self.pending:
+                    out.append(cid)
+                ci += 1
+            si += 1
+        return out
+
     def chunk_ids(self) -> list[Entry]:
         out: list[Entry] = []
         for s in self.segs:

@@ -74,6 +74,8 @@ NEG_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
 #: A file's write buffer is chunked in the background once it holds this much.
 SPILL_BYTES = 16 << 20
+#: How far ahead a sequential reader's chunks are fetched from the remote.
+READAHEAD = 32 << 20
 
 
 def _chunk_all(buf: bytearray) -> list[tuple[bytes, memoryview]]:
@@ -126,6 +128,8 @@ class Handle:
     writable: bool
     append: bool
     snapshot: bool
+    next_off: int = 0  # where a sequential read would continue
+    ahead: int = 0  # readahead has been started up to here
 
 
 class Ops(pyfuse3.Operations):
@@ -161,6 +165,9 @@ class Ops(pyfuse3.Operations):
         #: set by the daemon: where background chunking tasks run
         self.nursery: trio.Nursery | None = None
         self.cpu = trio.CapacityLimiter(1)
+        #: set by the daemon when the repository has a remote:
+        #: ``await fetcher(chunk_ids)`` brings them into the cache
+        self.fetcher: Callable[[list[bytes]], Any] | None = None
 
     # ------------------------------------------------------------ attributes
 
@@ -605,10 +612,45 @@ class Ops(pyfuse3.Operations):
         if h.snapshot:
             content = self.snaps[h.ino].content
             assert content is not None
+            if self.fetcher is not None:
+                await self._prefetch(h, content, off, size)
             return content.read(off, size)
         if h.ino in self.busy:
             await self.settle(h.ino)
+        if self.fetcher is not None:
+            of = self.wt.open_files.get(h.ino)
+            if of is not None:
+                await self._prefetch(h, of.content, off, size)
         return self.wt.read(h.ino, off, size)
+
+    async def _prefetch(self, h: Handle, content: FileContent, off: int, size: int) -> None:
+        """Bring missing chunks from the remote without blocking other requests.
+
+        The chunks of this read are awaited; on a sequential read the next
+        READAHEAD bytes are fetched in the background as well.
+        """
+        assert self.fetcher is not None
+        sequential = off == h.next_off
+        h.next_off = off + size
+        want = content.ids_in_range(off, size)
+        with self.repo.store.read() as r:
+            missing = [c for c in want if not r.has_chunk(c)]
+        if missing:
+            await self.fetcher(missing)
+        if sequential and self.nursery is not None and off + size >= h.ahead:
+            ahead = content.ids_in_range(off + size, READAHEAD)
+            h.ahead = off + size + READAHEAD // 2
+            with self.repo.store.read() as r:
+                later = [c for c in ahead if not r.has_chunk(c)]
+            if later:
+                self.nursery.start_soon(self._fetch_quietly, later)
+
+    async def _fetch_quietly(self, ids: list[bytes]) -> None:
+        assert self.fetcher is not None
+        try:
+            await self.fetcher(ids)
+        except Exception as exc:  # readahead only: the read itself will retry
+            log.debug("readahead failed: %s", exc)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

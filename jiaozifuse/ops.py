@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .errors import JiaoziError, NotFound
+from .errors import Conflict, JiaoziError, NotFound
 from .objects import Commit
 from .repo import Repository
 
@@ -45,10 +45,22 @@ def _branch(repo: Repository, branch: str | None) -> str:
 
 @op
 def op_commit(repo: Repository, branch: str | None, message: str,
-              meta: dict[str, str] | None = None, allow_empty: bool = False) -> dict:
+              meta: dict[str, str] | None = None, allow_empty: bool = False,
+              wait: bool = False) -> dict:
     b = _branch(repo, branch)
     cid = repo.commit(b, message, meta or {}, allow_empty=allow_empty)
-    return {"branch": b, **commit_dict(cid, repo.get_commit(cid))}
+    out = {"branch": b, **commit_dict(cid, repo.get_commit(cid))}
+    if wait:
+        repo.store.commit_batch()
+        repo.sync()
+        for c in repo.remote_status()["conflicts"]:
+            if c["ref"] == f"branch/{b}":
+                raise Conflict(
+                    f"branch {b}: the remote moved to {c['remote'][:12]} while this cache "
+                    f"committed {c['local'][:12]}; run 'jiaozifuse fetch' and merge "
+                    f"remote/{b}")
+        out["remote_durable"] = True
+    return out
 
 
 @op
@@ -185,6 +197,21 @@ def op_fsck(repo: Repository) -> dict:
     from .fsck import fsck
 
     return fsck(repo)
+
+
+@op
+def op_sync(repo: Repository) -> dict:
+    return repo.sync()
+
+
+@op
+def op_fetch(repo: Repository) -> dict:
+    return repo.fetch()
+
+
+@op
+def op_remote_status(repo: Repository) -> dict:
+    return repo.remote_status()
 
 
 @op

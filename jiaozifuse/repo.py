@@ -233,7 +233,7 @@ class Repository:
     def sync(self, progress: Callable[[int], None] | None = None) -> dict:
         """Upload everything queued (blocking, this process)."""
         self.worktree.flush_all()
-        return writeback.drain_sync(self.store, self.remote, progress)
+        return writeback.drain_sync(self.store, self.remote, self.is_ancestor, progress)
 
     def fetch(self) -> dict[str, Any]:
         """Bring the remote's objects and refs; fast-forward what can be."""
@@ -538,10 +538,14 @@ class Repository:
     def is_ancestor(self, anc: bytes, desc: bytes) -> bool:
         return anc in self._ancestors(desc)
 
-    def _ancestors(self, cid: bytes) -> set[bytes]:
+    def is_ancestor_committed(self, anc: bytes, desc: bytes) -> bool:
+        """is_ancestor over the committed state: safe from a worker thread."""
+        return anc in self._ancestors(desc, committed=True)
+
+    def _ancestors(self, cid: bytes, committed: bool = False) -> set[bytes]:
         seen = set()
         todo = [cid]
-        with self.store.read() as r:
+        with self.store.snapshot() if committed else self.store.read() as r:
             while todo:
                 c = todo.pop()
                 if c in seen:

@@ -239,9 +239,13 @@ class Store:
             yield Txn(txn, self.dbs, self.queue_uploads)
 
     @contextmanager
-    def snapshot(self) -> Iterator[Txn]:
-        """A read transaction of the committed state, usable from any thread."""
-        with self.env.begin(buffers=False) as txn:
+    def snapshot(self, buffers: bool = False) -> Iterator[Txn]:
+        """A read transaction of the committed state, usable from any thread.
+
+        With *buffers*, values are memoryviews into the map (no copy), valid
+        only inside the transaction.
+        """
+        with self.env.begin(buffers=buffers) as txn:
             yield Txn(txn, self.dbs)
 
     @contextmanager

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chunking import hash_bytes
-from .errors import Conflict, Corrupt, JiaoziError, NotFound
+from .errors import Conflict, Corrupt
 from .objects import object_id
 from .remote import Remote, decode_index, encode_index
 from .store import Store, Txn
@@ -139,6 +138,7 @@ def complete(t: Txn, b: Batch, etag: str | None = None) -> None:
             t.put("located", oid, _LOC.pack(b.pack_id, off, n, kind))
         t.put("meta", b"pack/" + b.pack_id, b"1")
     elif b.kind == "ref":
+        t.delete("meta", b"conflict/" + b.ref.encode())
         key = b"remote_etag/" + b.ref.encode()
         if b.commit is None:
             t.delete("meta", key)
@@ -198,12 +198,41 @@ def queue_status(store: Store) -> dict[str, Any]:
         }
 
 
-def drain_sync(store: Store, remote: Remote, progress: Callable[[int], None] | None = None,
+class RefConflict(Conflict):
+    def __init__(self, ref: str, local: bytes | None, remote: bytes | None) -> None:
+        super().__init__(
+            f"{ref}: the remote moved to {(remote or b'').hex()[:12] or '(deleted)'} while "
+            f"this cache has {(local or b'').hex()[:12] or '(deleted)'}; run 'jiaozifuse "
+            f"fetch' and merge remote/{ref.partition('/')[2]}")
+        self.ref, self.local, self.remote_commit = ref, local, remote
+
+
+def push_ref(remote: Remote, b: Batch, etags: dict[str, str | None],
+             is_ancestor: Callable[[bytes, bytes], bool]) -> str | None:
+    """Send a ref change by compare-and-swap (blocking).
+
+    A stale ETag is not yet a conflict: if the remote head is already ours,
+    or an ancestor of ours (a fast-forward), the swap is retried against it.
+    """
+    try:
+        return send(remote, b, etags)
+    except Conflict:
+        cur = remote.get_ref(b.ref)
+        if cur is not None and cur[0] == b.commit:
+            return cur[1]
+        if cur is None or (b.commit is not None and is_ancestor(cur[0], b.commit)):
+            return send(remote, b, {b.ref: cur[1] if cur else None})
+        raise RefConflict(b.ref, b.commit, cur[0]) from None
+
+
+def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes], bool],
+               progress: Callable[[int], None] | None = None,
                parallel: int = PARALLEL) -> dict[str, int]:
     """Upload everything queued, from this thread (CLI ``sync`` without a daemon)."""
     sent = {"packs": 0, "bytes": 0, "refs": 0, "conflicts": 0}
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
         while True:
+            store.commit_batch()
             batches = plan(store, 0, parallel)
             if not batches:
                 return sent
@@ -212,14 +241,12 @@ def drain_sync(store: Store, remote: Remote, progress: Callable[[int], None] | N
                 with store.read() as r:
                     etags = remote_etags(r)
                 try:
-                    etag = send(remote, b, etags)
-                except Conflict:
-                    cur = remote.get_ref(b.ref)
+                    etag = push_ref(remote, b, etags, is_ancestor)
+                except RefConflict as exc:
                     with store.write() as w:
-                        record_conflict(w, b, cur[0] if cur else None)
+                        record_conflict(w, b, exc.remote_commit)
                     sent["conflicts"] += 1
-                    log.warning("ref %s: the remote moved meanwhile; run 'jiaozifuse fetch'",
-                                b.ref)
+                    log.warning("%s", exc)
                     continue
                 with store.write() as w:
                     complete(w, b, etag)
@@ -234,6 +261,118 @@ def drain_sync(store: Store, remote: Remote, progress: Callable[[int], None] | N
                 sent["bytes"] += len(b.data)
                 if progress:
                     progress(len(b.data))
+
+
+class Writeback:
+    """The daemon's background uploader (a trio task; boto3 in worker threads).
+
+    It retries with exponential backoff (1 s to 60 s) while the remote is
+    unreachable; writes through the mount never wait for it.
+    """
+
+    def __init__(self, store: Store, remote: Callable[[], Remote],
+                 is_ancestor: Callable[[bytes, bytes], bool], cache_size: int | None = None,
+                 access: AccessLog | None = None) -> None:
+        self.store = store
+        self._remote_factory = remote
+        self._remote: Remote | None = None
+        self.is_ancestor = is_ancestor
+        self.cache_size = cache_size
+        self.access = access
+        self.last_error: str | None = None
+        self.sent_bytes = 0
+        self._lock: Any = None
+        self._wake: Any = None
+
+    @property
+    def remote(self) -> Remote:
+        if self._remote is None:
+            self._remote = self._remote_factory()
+        return self._remote
+
+    def poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def step(self) -> bool:
+        """Send the next batches; False when the queue was empty."""
+        import trio
+
+        self.store.commit_batch()  # queued entries become visible to plan()
+        batches = await trio.to_thread.run_sync(plan, self.store, 0, PARALLEL)
+        if not batches:
+            return False
+        remote = await trio.to_thread.run_sync(lambda: self.remote)
+        if batches[0].kind == "ref":
+            b = batches[0]
+            with self.store.read() as r:
+                etags = remote_etags(r)
+            try:
+                etag = await trio.to_thread.run_sync(
+                    push_ref, remote, b, etags, self.is_ancestor)
+            except RefConflict as exc:
+                log.warning("%s", exc)
+                with self.store.write() as w:
+                    record_conflict(w, b, exc.remote_commit)
+            else:
+                with self.store.write() as w:
+                    complete(w, b, etag)
+            self.store.commit_batch()
+            return True
+        errors: list[BaseException] = []
+
+        async def one(b: Batch) -> None:
+            try:
+                await trio.to_thread.run_sync(send, remote, b, {})
+            except Exception as exc:
+                errors.append(exc)
+                return
+            with self.store.write() as w:
+                complete(w, b)
+            self.sent_bytes += len(b.data)
+
+        async with trio.open_nursery() as n:
+            for b in batches:
+                n.start_soon(one, b)
+        self.store.commit_batch()
+        if errors:
+            raise errors[0]
+        return True
+
+    async def drain(self) -> None:
+        """Upload until the queue is empty; errors reach the caller."""
+        import trio
+
+        if self._lock is None:
+            self._lock = trio.Lock()
+        async with self._lock:
+            while await self.step():
+                pass
+            self.last_error = None
+
+    async def run(self) -> None:
+        """Forever: drain, evict, wait a little or until poked."""
+        import trio
+
+        self._lock = self._lock or trio.Lock()
+        self._wake = trio.Event()
+        backoff = 1.0
+        while True:
+            try:
+                await self.drain()
+                backoff = 1.0
+                if self.cache_size:
+                    self.store.commit_batch()
+                    evict(self.store, self.cache_size, self.access)
+            except Exception as exc:  # an outage: keep everything queued, retry later
+                self.last_error = str(exc)
+                log.warning("upload failed (retrying in %.0f s): %s", backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(60.0, backoff * 2)
+                continue
+            with trio.move_on_after(1.0):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
 
 # ------------------------------------------------------------------ fetching
@@ -384,25 +523,28 @@ def evict(store: Store, limit: int, access: AccessLog | None = None,
         used = r.counter("chunk_bytes")
     if used <= limit:
         return 0
+    if access is not None:
+        with store.write() as w:
+            access.flush(w)
+        store.commit_batch()
     target = int(limit * low_water)
     cands: list[tuple[int, bytes, int]] = []
-    with store.write() as w:
-        if access is not None:
-            access.flush(w)
-        cur = w.cursor("chunks")
-        for cid, data in cur:
-            if not w.is_located(cid):
+    with store.snapshot(buffers=True) as r:
+        located = r._dbs["located"]
+        for cid, data in r.cursor("chunks"):
+            if r.txn.get(cid, db=located) is None:
                 continue
-            ts = w.get("access", cid)
+            ts = r.get("access", cid)
             cands.append((int.from_bytes(ts, "big") if ts else 0, bytes(cid), len(data)))
-        cands.sort()
-        freed = 0
+    cands.sort()
+    freed = 0
+    with store.write() as w:
         for _, cid, n in cands:
             if used - freed <= target:
                 break
-            w.delete("chunks", cid)
-            w.delete("access", cid)
-            freed += n
+            if w.txn.delete(cid, db=w._dbs["chunks"]):
+                w.delete("access", cid)
+                freed += n
         w.add_counter("chunk_bytes", -freed)
     if used - freed > limit:
         log.warning("cache over its limit (%d > %d bytes): the rest is not yet uploaded",
@@ -418,7 +560,7 @@ def remote_from_config(config: dict) -> Remote | None:
 
 
 __all__ = [
-    "AccessLog", "Batch", "complete", "download_metadata", "drain_sync", "evict",
-    "fetch_chunks", "plan", "queue_status", "remote_from_config", "send", "store_fetched",
+    "AccessLog", "Batch", "RefConflict", "Writeback", "complete", "download_metadata",
+    "drain_sync", "evict", "fetch_chunks", "plan", "push_ref", "queue_status",
+    "remote_from_config", "send", "store_fetched",
 ]
-_ = (os, JiaoziError, NotFound)
