@@ -10,6 +10,7 @@ repository's default branch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -96,6 +97,11 @@ class Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, repo: str | None, branch: str | None) -> None:
     """A versioned repository for ML data, mounted as a filesystem."""
+    # Library warnings (a retried upload, a conflict also reported as the
+    # command's error) stay out of the one-line error contract unless asked.
+    level = os.environ.get("JIAOZIFUSE_LOG_LEVEL", "ERROR").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.ERROR),
+                        format="jiaozifuse: %(levelname)s: %(message)s")
     ctx.obj = Ctx(repo, branch)
 
 

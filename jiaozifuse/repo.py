@@ -101,6 +101,7 @@ class Repository:
         self.worktree = Worktree(store, read_chunk=self._read_chunk)
         self._remote: Remote | None = None
         self._batched_bytes = 0
+        self._fetched_bytes = 0
         self.access = AccessLog()
         store.queue_uploads = bool(config.get("remote"))
         #: receivers of repository events: fn(type: str, **fields)
@@ -226,6 +227,10 @@ class Repository:
             with self.store.write() as w:
                 writeback.store_fetched(w, got)
             data = got.get(cid)
+            self._fetched_bytes += len(data or b"")
+            if self._fetched_bytes > (64 << 20) and self.config.get("cache_size"):
+                self._fetched_bytes = 0
+                self.evict()
         if data is not None and self.config.get("remote"):
             self.access.touch(cid)
         return data
@@ -233,7 +238,16 @@ class Repository:
     def sync(self, progress: Callable[[int], None] | None = None) -> dict:
         """Upload everything queued (blocking, this process)."""
         self.worktree.flush_all()
-        return writeback.drain_sync(self.store, self.remote, self.is_ancestor, progress)
+        sent = writeback.drain_sync(self.store, self.remote, self.is_ancestor, progress)
+        self.evict()
+        return sent
+
+    def evict(self) -> int:
+        """Bring the chunk cache under ``cache_size`` (uploaded chunks only)."""
+        limit = self.config.get("cache_size")
+        if not limit or not self.config.get("remote"):
+            return 0
+        return writeback.evict(self.store, limit, self.access)
 
     def fetch(self) -> dict[str, Any]:
         """Bring the remote's objects and refs; fast-forward what can be."""

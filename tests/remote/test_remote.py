@@ -1,0 +1,250 @@
+"""A repository in S3: write-back, clone, conflicts, outages, the cache bound.
+
+Everything runs against a real SeaweedFS server (tests/s3server.py) and real
+FUSE mounts (tests/mount/conftest.py helpers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mount.conftest import have_fuse, is_mounted, jz, start_mount, teardown
+
+pytestmark = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fusermount3")
+
+
+def blob(n: int, seed: int) -> bytes:
+    import blake3
+
+    return blake3.blake3(seed.to_bytes(8, "little")).digest(length=n)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            p = Path(dirpath) / f
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "->" + os.readlink(p)
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def mounts():
+    made = []
+    yield made
+    for m in made:
+        teardown(m)
+
+
+def init_remote(tmp_path: Path, s3, bucket: str, name: str = "a", *extra: str) -> Path:
+    repo = tmp_path / f"{name}-repo"
+    jz("init", str(repo), "--remote", f"s3://{bucket}/repo", "--endpoint-url", s3.endpoint,
+       *extra, env=s3.env())
+    return repo
+
+
+def test_write_sync_clone_read_back(tmp_path, bucket, mounts) -> None:
+    s3, name = bucket
+    repo = init_remote(tmp_path, s3, name)
+    m = start_mount_env(repo, tmp_path / "a-mnt", s3)
+    mounts.append(m)
+    data = blob(24 << 20, 1)
+    (m.main / "data").mkdir()
+    (m.main / "data" / "big.bin").write_bytes(data)
+    (m.main / "data" / "small.txt").write_text("hello\n")
+    os.symlink("small.txt", m.main / "data" / "link")
+    jz("commit", "-m", "first", cwd=m.main, env=s3.env())
+    (m.main / "uncommitted.txt").write_text("not committed yet\n")
+    res = jz("sync", "--wait", "--json", cwd=m.main, env=s3.env())
+    status = json.loads(res.stdout)["status"]
+    assert status["queued"] == {"chunks": 0, "objects": 0, "refs": 0}
+    want = tree_digest(m.main / "data")
+
+    clone = tmp_path / "b-repo"
+    jz("clone", f"s3://{name}/repo", str(clone), env=s3.env())
+    assert not any(True for _ in iter_chunks(clone)), "a clone starts with an empty cache"
+    m2 = start_mount_env(clone, tmp_path / "b-mnt", s3)
+    mounts.append(m2)
+    assert tree_digest(m2.main / "data") == want
+    assert (m2.main / "data" / "big.bin").read_bytes() == data
+    log = json.loads(jz("log", "--json", cwd=m2.main, env=s3.env()).stdout)
+    assert [c["message"] for c in log][:1] == ["first"]
+    # the commit shows as a snapshot on the other machine too
+    assert (m2.mnt / ".commits" / log[0]["id"] / "data" / "small.txt").read_text() == "hello\n"
+
+
+def iter_chunks(repo: Path):
+    import lmdb
+
+    env = lmdb.open(str(repo / "store"), max_dbs=32, readonly=True, lock=False)
+    try:
+        db = env.open_db(b"chunks", create=False)
+        with env.begin() as t:
+            yield from (k for k, _ in t.cursor(db=db))
+    finally:
+        env.close()
+
+
+def start_mount_env(repo: Path, mnt: Path, s3, *extra: str):
+    mnt.mkdir(parents=True, exist_ok=True)
+    jz("mount", str(repo), str(mnt), *extra, env=s3.env())
+    info = json.loads((mnt / ".jiaozifuse-mount").read_text())
+    from mount.conftest import Mount
+
+    return Mount(repo, mnt, info["pid"])
+
+
+def test_two_caches_commit_one_branch_lose_nothing(tmp_path, bucket) -> None:
+    s3, name = bucket
+    env = s3.env()
+    a = init_remote(tmp_path, s3, name)
+    jz("sync", "--repo", str(a), env=env)
+    b = tmp_path / "b-repo"
+    jz("clone", f"s3://{name}/repo", str(b), env=env)
+    for repo, fname in ((a, "from-a.txt"), (b, "from-b.txt")):
+        src = tmp_path / f"src-{fname}"
+        src.mkdir()
+        (src / fname).write_text(fname)
+        jz("import", str(src), "--repo", str(repo), env=env)
+    jz("commit", "-m", "a", "--wait", "--repo", str(a), env=env)
+    res = jz("commit", "-m", "b", "--wait", "--repo", str(b), env=env, check=False)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    head_a = json.loads(jz("log", "-n", "1", "--json", "--repo", str(a), env=env).stdout)[0]
+    head_b = json.loads(jz("log", "-n", "1", "--json", "--repo", str(b), env=env).stdout)[0]
+    assert head_a["id"][:12] in res.stderr and head_b["id"][:12] in res.stderr
+    # retry after fetching: merge the remote head, push
+    fetched = json.loads(jz("fetch", "--json", "--repo", str(b), env=env).stdout)
+    assert fetched["diverged"]
+    jz("merge", "remote/main", "--repo", str(b), env=env)
+    res = jz("sync", "--wait", "--repo", str(b), env=env)
+    jz("fetch", "--repo", str(a), env=env)
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(a), env=env)
+    assert sorted(os.listdir(out)) == ["from-a.txt", "from-b.txt"]
+
+
+def test_cache_stays_under_its_bound(tmp_path, bucket, mounts) -> None:
+    s3, name = bucket
+    env = s3.env()
+    repo = init_remote(tmp_path, s3, name, "a", "--cache-size", "8M")
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {f"f{i}.bin": blob(6 << 20, 100 + i) for i in range(6)}
+    for fname, data in files.items():
+        (src / fname).write_bytes(data)
+    jz("import", str(src), "--repo", str(repo), env=env)
+    jz("commit", "-m", "36 MiB", "--repo", str(repo), env=env)
+    jz("sync", "--wait", "--repo", str(repo), env=env)
+    st = json.loads(jz("remote", "status", "--json", "--repo", str(repo), env=env).stdout)
+    assert st["cached_chunk_bytes"] <= 8 << 20
+    # reading everything back through a mount works, and the cache stays bounded
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    mounts.append(m)
+    for fname, data in files.items():
+        assert (m.main / fname).read_bytes() == data
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = json.loads(jz("remote", "status", "--json", "--repo", str(repo), env=env).stdout)
+        if st["cached_chunk_bytes"] <= 8 << 20:
+            break
+        time.sleep(0.5)
+    assert st["cached_chunk_bytes"] <= 8 << 20
+
+
+def test_sigkill_while_uploading_resumes(tmp_path, bucket, mounts) -> None:
+    s3, name = bucket
+    env = s3.env()
+    repo = init_remote(tmp_path, s3, name)
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    datas = {f"f{i}.bin": blob(16 << 20, 200 + i) for i in range(4)}
+    for fname, data in datas.items():
+        with open(m.main / fname, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.kill(m.pid, signal.SIGKILL)  # the write-back is under way or about to be
+    time.sleep(0.5)
+    subprocess.run(["fusermount3", "-uz", str(m.mnt)], capture_output=True)
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    mounts.append(m)
+    for fname, data in datas.items():
+        assert (m.main / fname).read_bytes() == data
+    jz("commit", "-m", "after the crash", cwd=m.main, env=env)
+    jz("sync", "--wait", cwd=m.main, env=env)
+    clone = tmp_path / "clone"
+    jz("clone", f"s3://{name}/repo", str(clone), env=env)
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(clone), env=env)
+    for fname, data in datas.items():
+        assert (out / fname).read_bytes() == data
+
+
+def test_outage_then_recovery(tmp_path, s3_fresh, mounts) -> None:
+    s3 = s3_fresh
+    name = s3.make_bucket("outage")
+    env = s3.env()
+    repo = init_remote(tmp_path, s3, name)
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    mounts.append(m)
+    s3.stop()
+    data = blob(5 << 20, 7)
+    (m.main / "during-outage.bin").write_bytes(data)  # writes never wait for S3
+    jz("commit", "-m", "offline", cwd=m.main, env=env)
+    assert (m.main / "during-outage.bin").read_bytes() == data
+    st = json.loads(jz("remote", "status", "--json", cwd=m.main, env=env).stdout)
+    assert st["queued"]["chunks"] > 0
+    s3.start()
+    jz("sync", "--wait", cwd=m.main, env=env)
+    clone = tmp_path / "clone"
+    jz("clone", f"s3://{name}/repo", str(clone), env=env)
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(clone), env=env)
+    assert (out / "during-outage.bin").read_bytes() == data
+
+
+def test_wrong_credentials_clear_error_nothing_lost(tmp_path, bucket) -> None:
+    s3, name = bucket
+    bad = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret-xyz"}
+    res = jz("init", str(tmp_path / "r"), "--remote", f"s3://{name}/repo", "--endpoint-url",
+             s3.endpoint, env=bad, check=False)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "not-the-secret-xyz" not in res.stderr + res.stdout
+    # a working repository whose credentials go bad keeps its data locally
+    repo = init_remote(tmp_path, s3, name, "ok")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep.txt").write_text("precious\n")
+    jz("import", str(src), "--repo", str(repo), env=bad)
+    jz("commit", "-m", "c", "--repo", str(repo), env=bad)
+    res = jz("sync", "--wait", "--repo", str(repo), env=bad, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "not-the-secret-xyz" not in res.stderr + res.stdout
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(repo), env=bad)
+    assert (out / "keep.txt").read_text() == "precious\n"
+    jz("sync", "--wait", "--repo", str(repo), env=s3.env())
+
+
+def test_unmount_leaves_nothing(tmp_path, bucket) -> None:
+    s3, name = bucket
+    repo = init_remote(tmp_path, s3, name)
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    teardown(m)
+    assert not is_mounted(m.mnt)
+
+
+_ = start_mount
