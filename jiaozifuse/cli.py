@@ -145,9 +145,14 @@ def init(path: str, default_branch: str, remote: str | None, endpoint_url: str |
 @click.argument("path", type=click.Path())
 @click.option("--endpoint-url", default=None, help="S3 endpoint (for non-AWS stores).")
 @click.option("--cache-size", default=None, help="Bound on cached chunk bytes (e.g. 20G).")
-def clone(url: str, path: str, endpoint_url: str | None, cache_size: str | None) -> None:
+@click.option("--recover", default=None, metavar="CACHE-ID",
+              help="Also adopt the uncommitted worktrees that cache checkpointed "
+                   "(see 'remote status' on it, or 'remote worktrees').")
+def clone(url: str, path: str, endpoint_url: str | None, cache_size: str | None,
+          recover: str | None) -> None:
     """Make a new local cache at PATH over the repository at URL."""
-    repo = Repository.clone(url, path, endpoint_url, cache_size=_parse_size(cache_size))
+    repo = Repository.clone(url, path, endpoint_url, cache_size=_parse_size(cache_size),
+                            recover=recover)
     n = len(repo.branches())
     repo.close()
     click.echo(f"Cloned {url} into {Path(path).resolve()} ({n} branches)")

@@ -252,6 +252,12 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
 
         ops.fetcher = fetcher
 
+        async def checkpoint() -> None:
+            await ops.settle_all()  # no background chunking may run under a flush
+            repo.checkpoint()
+
+        wb.checkpoint = checkpoint
+
     async def run_op(name: str, args: dict) -> Any:
         """Operations that wait on the remote run here, without blocking FUSE."""
         if name == "sync":

@@ -177,7 +177,7 @@ class Repository:
 
     @classmethod
     def clone(cls, url: str, path: str | Path, endpoint_url: str | None = None,
-              cache_size: int | None = None) -> Repository:
+              cache_size: int | None = None, recover: str | None = None) -> Repository:
         """A new local cache over an existing remote repository."""
         path = Path(path)
         if (path / CONFIG).exists():
@@ -207,6 +207,8 @@ class Repository:
         repo = cls(path, store, config)
         repo._remote = rem
         repo.fetch()
+        if recover:
+            repo.recover_worktrees(recover)
         _write_json_atomic(path / CONFIG, config)
         return repo
 
@@ -300,9 +302,51 @@ class Repository:
                 diverged.append({"ref": name, "local": local.hex(), "remote": commit.hex()})
         return {**got, "updated": updated, "diverged": diverged}
 
+    def checkpoint(self) -> list[str]:
+        """Queue a checkpoint of every branch's uncommitted worktree for upload.
+
+        Open files are flushed first; a branch whose worktree has not changed
+        since its last checkpoint is skipped.  Returns the branches queued.
+        """
+        if not self.config.get("remote"):
+            return []
+        self.worktree.flush_all()
+        done = []
+        cache = self.config.get("cache_id", "cache")
+        for branch in self.branches():
+            with self.store.write() as w:
+                tree, _ = self.worktree.write_tree(w, self.root_ino(branch, w))
+                head = self.head(branch, w)
+                key = b"ckpt/" + branch.encode()
+                if w.get("meta", key) == tree + head:
+                    continue
+                w.put("meta", key, tree + head)
+                w.enqueue(b"W" + tree + head + f"{cache}/{branch}".encode())
+                done.append(branch)
+        return done
+
+    def recover_worktrees(self, cache_id: str) -> list[str]:
+        """Adopt the worktrees another cache checkpointed (after losing it)."""
+        out = []
+        for key in self.remote.list(f"worktrees/{cache_id}/"):
+            branch = key.rsplit("/", 1)[-1]
+            data, _ = self.remote.get(key)
+            doc = json.loads(data)
+            tree = bytes.fromhex(doc["tree"])
+            with self.store.write() as w:
+                if w.get_object(tree) is None:
+                    log.warning("checkpoint of %s names a tree not in the remote", branch)
+                    continue
+                if w.get("refs", b"branch/" + branch.encode()) is None:
+                    continue
+                self._reset_worktree(w, branch, tree)
+            out.append(branch)
+        return out
+
     def remote_status(self) -> dict[str, Any]:
         st = writeback.queue_status(self.store)
         st["remote"] = self.config.get("remote", {}).get("url")
+        st["cache_id"] = self.config.get("cache_id")
         st["cache_size"] = self.config.get("cache_size")
         return st
 

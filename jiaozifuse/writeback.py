@@ -30,6 +30,7 @@ runs on the caller's thread (the daemon's trio thread, inside its batch).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import struct
 import time
@@ -47,6 +48,9 @@ log = logging.getLogger("jiaozifuse.writeback")
 
 PACK_TARGET = 32 << 20
 PARALLEL = 4
+#: Seconds between checkpoints of uncommitted worktrees to the remote: the
+#: most a lost machine can lose of what was closed (plus the upload time).
+CHECKPOINT_INTERVAL = 5.0
 _LOC = struct.Struct("<32sQIc")  # pack id, offset, length, kind
 
 
@@ -85,6 +89,12 @@ def plan(store: Store, after: int, limit: int = PARALLEL) -> list[Batch]:
                     break
                 commit = bytes(v[2:34]) if v[1:2] == b"\1" else None
                 out.append(Batch([seq], "ref", ref=bytes(v[34:]).decode(), commit=commit))
+                break
+            if tag == b"W":  # worktree checkpoint: after everything before it
+                if b.seqs or out:
+                    break
+                out.append(Batch([seq], "wt", ref=bytes(v[65:]).decode(),
+                                 commit=bytes(v[1:33]), pack_id=bytes(v[33:65])))
                 break
             kind = "pack" if tag == b"C" else "opack"
             if b.seqs and b.kind != kind:
@@ -128,6 +138,12 @@ def send(remote: Remote, b: Batch, etags: dict[str, str | None]) -> str | None:
             remote.put(f"packs/{b.pack_id.hex()}.opack", body)
     elif b.kind == "ref":
         return remote.cas_ref(b.ref, b.commit, etags.get(b.ref))
+    elif b.kind == "wt":
+        cache_id, _, branch = b.ref.partition("/")
+        assert b.commit is not None
+        remote.put(f"worktrees/{cache_id}/{branch}", json.dumps({
+            "tree": b.commit.hex(), "head": b.pack_id.hex(), "time_ns": time.time_ns(),
+        }).encode())
     return None
 
 
@@ -180,6 +196,8 @@ def queue_status(store: Store) -> dict[str, Any]:
             tag = v[:1]
             if oldest is None:
                 oldest = int.from_bytes(k, "big")
+            if tag == b"W":
+                continue
             if tag == b"C":
                 n["chunks"] += 1
                 data = r.get_chunk(bytes(v[1:33]))
@@ -236,6 +254,11 @@ def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes
             batches = plan(store, 0, parallel)
             if not batches:
                 return sent
+            if batches[0].kind == "wt":
+                send(remote, batches[0], {})
+                with store.write() as w:
+                    complete(w, batches[0])
+                continue
             if batches[0].kind == "ref":
                 b = batches[0]
                 with store.read() as r:
@@ -281,6 +304,9 @@ class Writeback:
         self.access = access
         self.last_error: str | None = None
         self.sent_bytes = 0
+        self.last_checkpoint_ns = 0
+        #: awaited every CHECKPOINT_INTERVAL: queues worktree checkpoints
+        self.checkpoint: Callable[[], Any] | None = None
         self._lock: Any = None
         self._wake: Any = None
 
@@ -303,6 +329,13 @@ class Writeback:
         if not batches:
             return False
         remote = await trio.to_thread.run_sync(lambda: self.remote)
+        if batches[0].kind == "wt":
+            await trio.to_thread.run_sync(send, remote, batches[0], {})
+            with self.store.write() as w:
+                complete(w, batches[0])
+            self.store.commit_batch()
+            self.last_checkpoint_ns = time.time_ns()
+            return True
         if batches[0].kind == "ref":
             b = batches[0]
             with self.store.read() as r:
@@ -357,8 +390,12 @@ class Writeback:
         self._lock = self._lock or trio.Lock()
         self._wake = trio.Event()
         backoff = 1.0
+        next_ckpt = time.monotonic() + CHECKPOINT_INTERVAL
         while True:
             try:
+                if self.checkpoint is not None and time.monotonic() >= next_ckpt:
+                    next_ckpt = time.monotonic() + CHECKPOINT_INTERVAL
+                    await self.checkpoint()
                 await self.drain()
                 backoff = 1.0
                 if self.cache_size:

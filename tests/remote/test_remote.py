@@ -248,3 +248,38 @@ def test_unmount_leaves_nothing(tmp_path, bucket) -> None:
 
 
 _ = start_mount
+
+
+def test_lost_machine_recovers_checkpointed_worktree(tmp_path, bucket, mounts) -> None:
+    """Uncommitted work reaches the remote within seconds; a new clone adopts it."""
+    s3, name = bucket
+    env = s3.env()
+    repo = init_remote(tmp_path, s3, name)
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    data = blob(3 << 20, 9)
+    (m.main / "draft.bin").write_bytes(data)
+    closed = time.monotonic()
+    cache_id = json.loads(jz("remote", "status", "--json", cwd=m.main, env=env).stdout)[
+        "cache_id"]
+    client = s3.client()
+    key = f"repo/worktrees/{cache_id}/main"
+    while time.monotonic() - closed < 30:
+        try:
+            client.head_object(Bucket=name, Key=key)
+            break
+        except Exception:
+            time.sleep(0.2)
+    lag = time.monotonic() - closed
+    print(f"checkpoint visible in S3 {lag:.1f} s after close")
+    assert lag < 15
+    time.sleep(1.0)  # the checkpoint entry goes after the data it names
+    os.kill(m.pid, signal.SIGKILL)  # the machine is lost
+    subprocess.run(["fusermount3", "-uz", str(m.mnt)], capture_output=True)
+    clone = tmp_path / "clone"
+    jz("clone", f"s3://{name}/repo", str(clone), "--recover", cache_id, env=env)
+    st = json.loads(jz("status", "--json", "--repo", str(clone), env=env).stdout)
+    assert [c["path"] for c in st["changes"]] == ["draft.bin"]
+    out = tmp_path / "out"
+    jz("commit", "-m", "recovered", "--repo", str(clone), env=env)
+    jz("export", "main", str(out), "--repo", str(clone), env=env)
+    assert (out / "draft.bin").read_bytes() == data
