@@ -240,20 +240,23 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
 @click.option("--read-only", is_flag=True, help="Mount everything read-only.")
 @click.option("--branch", "-b", "only_branch", default=None,
-              help="Show only this branch (at MOUNTPOINT's top).")
+              help="Mount only this branch, as MOUNTPOINT itself.")
+@click.option("--commit", "only_commit", default=None, metavar="REF",
+              help="Mount only this commit or tag, read-only, as MOUNTPOINT itself.")
 @click.option("--lazy-close", is_flag=True,
               help="close() does not wait for a durable commit; the group commit makes it "
                    "durable within 50 ms (fsync() always waits).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
 def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool,
-          only_branch: str | None, lazy_close: bool, debug: bool) -> None:
+          only_branch: str | None, only_commit: str | None, lazy_close: bool,
+          debug: bool) -> None:
     """Mount REPO at MOUNTPOINT (returns once the mount is ready)."""
     from .daemon import MountOptions, start
 
     start(MountOptions(
         repo=Path(repo).resolve(), mountpoint=Path(mountpoint).resolve(),
         foreground=foreground, allow_other=allow_other, read_only=read_only,
-        branch=only_branch, debug=debug, lazy_close=lazy_close,
+        branch=only_branch, debug=debug, lazy_close=lazy_close, commit=only_commit,
     ))
 
 

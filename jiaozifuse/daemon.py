@@ -49,6 +49,7 @@ class MountOptions:
     branch: str | None = None
     debug: bool = False
     lazy_close: bool = False
+    commit: str | None = None
 
 
 def _mounted(mnt: Path) -> bool:
@@ -190,13 +191,15 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
         orphans = repo.worktree.clean_orphans()
         if orphans:
             log.info("removed %d orphaned inodes left by the previous run", orphans)
-        info = {"repo": str(opts.repo), "pid": os.getpid(), "mountpoint": str(opts.mountpoint)}
-        ops = Ops(repo, read_only=opts.read_only, info=info, lazy_close=opts.lazy_close)
+        info = {"repo": str(opts.repo), "pid": os.getpid(), "mountpoint": str(opts.mountpoint),
+                "branch": opts.branch, "commit": opts.commit}
+        ops = Ops(repo, read_only=opts.read_only or bool(opts.commit), info=info,
+                  lazy_close=opts.lazy_close, branch=opts.branch, commit=opts.commit)
         options = set(pyfuse3.default_options)
         options |= {"fsname=jiaozifuse", "subtype=jiaozifuse"}
         if opts.allow_other:
             options.add("allow_other")
-        if opts.read_only:
+        if opts.read_only or opts.commit:
             options.add("ro")
         pyfuse3.init(ops, str(opts.mountpoint), options)
     except JiaoziError as exc:

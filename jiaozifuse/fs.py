@@ -82,11 +82,27 @@ def _chunk_all(buf: bytearray) -> list[tuple[bytes, memoryview]]:
     return list(chunk_and_hash(buf))
 
 
+#: Which positional arguments of each handler are inode numbers (for the
+#: root alias of single-branch and single-commit mounts).
+INODE_ARGS = {
+    "lookup": (0,), "getattr": (0,), "readlink": (0,), "opendir": (0,), "readdir": (0,),
+    "mkdir": (0,), "mknod": (0,), "symlink": (0,), "unlink": (0,), "rmdir": (0,),
+    "rename": (0, 2), "link": (0, 1), "setattr": (0,), "open": (0,), "create": (0,),
+    "setxattr": (0,), "removexattr": (0,), "getxattr": (0,), "listxattr": (0,),
+}
+
+
 def handler(fn: Callable) -> Callable:
     """Turn every error into an errno; an unexpected one is logged, never fatal."""
+    positions = INODE_ARGS.get(fn.__name__, ())
 
     @functools.wraps(fn)
     async def wrapper(self: Ops, *args: Any) -> Any:
+        if self.root_alias and positions:
+            args = tuple(
+                self.root_alias if i in positions and a == ROOT else a
+                for i, a in enumerate(args)
+            )
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -138,8 +154,11 @@ class Ops(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, repo: Repository, read_only: bool = False, info: dict | None = None,
-                 lazy_close: bool = False):
+                 lazy_close: bool = False, branch: str | None = None,
+                 commit: str | None = None):
         super().__init__()
+        #: the inode shown as the mount root (0: the full layout)
+        self.root_alias = 0
         #: when set, close() leaves the commit to the group-commit timer
         self.lazy_close = lazy_close
         self.repo = repo
@@ -168,6 +187,14 @@ class Ops(pyfuse3.Operations):
         #: set by the daemon when the repository has a remote:
         #: ``await fetcher(chunk_ids)`` brings them into the cache
         self.fetcher: Callable[[list[bytes]], Any] | None = None
+        if branch is not None:
+            # MNT is the branch itself: the training-container layout.
+            self.root_alias = repo.root_ino(branch)
+        elif commit is not None:
+            node = self._snap_root(ROOT, b"", repo.resolve(commit))
+            node.lookups = 1 << 60  # never forgotten
+            self.root_alias = node.ino
+            self.read_only = True
 
     # ------------------------------------------------------------ attributes
 
@@ -207,6 +234,8 @@ class Ops(pyfuse3.Operations):
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
         a.entry_timeout = a.attr_timeout = BRANCH_TIMEOUT
+        if node.ino == self.root_alias:
+            a.st_ino = ROOT
         return a
 
     def _snap_attr(self, n: SnapNode) -> pyfuse3.EntryAttributes:
@@ -223,6 +252,8 @@ class Ops(pyfuse3.Operations):
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
         a.entry_timeout = a.attr_timeout = SNAP_TIMEOUT
+        if n.ino == self.root_alias:
+            a.st_ino = ROOT
         return a
 
     def _marker_attr(self) -> pyfuse3.EntryAttributes:
@@ -298,6 +329,8 @@ class Ops(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if name == b".":
             return self._remember(self._attr(parent))
+        if name == MARKER_NAME and parent == self.root_alias:
+            return self._attr(MARKER)
         if parent == ROOT:
             if name == b".commits":
                 return self._attr(COMMITS)

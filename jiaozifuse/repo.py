@@ -1046,6 +1046,8 @@ def find_repo(explicit: str | None, cwd: str | None = None) -> tuple[Path, str |
             info = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
+        if info.get("branch"):  # a single-branch mount: MNT is the branch
+            return Path(info["repo"]), info["branch"]
         rel = here.relative_to(d).parts
         branch = rel[0] if rel and not rel[0].startswith(".") else None
         return Path(info["repo"]), branch

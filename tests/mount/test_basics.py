@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -105,3 +106,61 @@ def test_mount_errors(tmp_path) -> None:
     assert "Traceback" not in res.stderr
     res = jz("mount", str(tmp_path / "nope"), str(tmp_path), check=False)
     assert res.returncode == 1 and "not a jiaozifuse repository" in res.stderr
+
+
+def test_single_branch_and_single_commit_mounts(mount_factory, tmp_path) -> None:
+    m = mount_factory()
+    (m.main / "train.csv").write_text("a,b\n")
+    cid = json.loads(m.cli("commit", "-m", "v1", "--json").stdout)["id"]
+    (m.main / "train.csv").write_text("changed\n")
+    m.cli("branch", "create", "exp")
+    m.unmount()
+
+    b = tmp_path / "only-branch"
+    b.mkdir()
+    jz("mount", str(m.repo), str(b), "--branch", "exp")
+    try:
+        assert sorted(os.listdir(b)) == ["train.csv"]
+        assert (b / "train.csv").read_text() == "a,b\n"
+        (b / "new.txt").write_text("x")
+        # a command run inside finds the repository and the branch by itself
+        st = json.loads(jz("status", "--json", cwd=b).stdout)
+        assert st["branch"] == "exp" and [c["path"] for c in st["changes"]] == ["new.txt"]
+    finally:
+        jz("umount", str(b))
+
+    c = tmp_path / "only-commit"
+    c.mkdir()
+    jz("mount", str(m.repo), str(c), "--commit", cid[:10])
+    try:
+        assert (c / "train.csv").read_text() == "a,b\n"
+        with pytest.raises(OSError) as ei:
+            (c / "x").write_text("no")
+        assert ei.value.errno == errno.EROFS
+        assert os.getxattr(c / "train.csv", "user.jiaozi.commit").decode() == cid
+    finally:
+        jz("umount", str(c))
+    res = jz("mount", str(m.repo), str(c), "--branch", "nope", check=False)
+    assert res.returncode == 1 and "nope" in res.stderr and not is_mounted(c)
+
+
+def test_sigterm_flushes_and_unmounts(mount_factory) -> None:
+    import signal
+    import time
+
+    m = mount_factory()
+    data = os.urandom(5 << 20)
+    (m.main / "f.bin").write_bytes(data)
+    os.kill(m.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while is_mounted(m.mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(m.mnt)
+    m2 = m.remount()
+    assert (m2.main / "f.bin").read_bytes() == data
+
+
+def test_mount_twice_is_a_clear_error(mnt) -> None:
+    res = jz("mount", str(mnt.repo), str(mnt.mnt), check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (mnt.main).exists()
