@@ -49,7 +49,7 @@ class Store:
         return mid
 
 
-def fresh(data: bytes, seg=None) -> tuple[bytes, list]:
+def fresh(data: bytes) -> tuple[bytes, list]:
     """Manifest id and chunk list of *data* written in one go into a new file."""
     s = Store()
     fc = s.content()
