@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import itertools
 import json
 import mmap
@@ -485,6 +486,64 @@ def test_dir_nlink_and_parent_times(pair: tuple[Path, Path]) -> None:
         return n1, n2, t1, t2, t3
 
     same(pair, fn)
+
+
+def test_large_file_random_io(pair: tuple[Path, Path]) -> None:
+    """Past the in-memory write buffer: 24 MiB sequential, then scattered writes and reads."""
+    import random
+
+    def fn(b: Path) -> tuple:
+        rng = random.Random(7)
+        fd = os.open(b / "large", os.O_CREAT | os.O_RDWR, 0o644)
+        reads = []
+        try:
+            for _ in range(24):
+                os.write(fd, rng.randbytes(1 << 20))
+            for _ in range(40):
+                os.pwrite(fd, rng.randbytes(rng.randrange(1, 2 << 20)),
+                          rng.randrange(0, 26 << 20))
+                data = os.pread(fd, 200_000, rng.randrange(0, 26 << 20))
+                reads.append(hashlib.sha256(data).hexdigest()[:12])
+            os.ftruncate(fd, (13 << 20) + 7)
+            os.pwrite(fd, b"end", 20 << 20)
+        finally:
+            os.close(fd)
+        with open(b / "large", "rb") as f:
+            whole = hashlib.sha256(f.read()).hexdigest()
+        return reads, whole, os.path.getsize(b / "large")
+
+    same(pair, fn)
+
+
+def test_readdir_while_the_directory_changes(pair: tuple[Path, Path]) -> None:
+    """Entries neither removed nor added during a listing appear exactly once (POSIX)."""
+
+    def fn(b: Path) -> bool:
+        d = b / "many"
+        d.mkdir()
+        names = [f"f{i:04}" for i in range(600)]
+        for n in names:
+            (d / n).write_bytes(b"")
+        removed = set(names[1::3])
+        seen: list[str] = []
+        with os.scandir(d) as it:
+            for e in it:
+                seen.append(e.name)
+                if len(seen) == 150:
+                    for n in sorted(removed):
+                        os.unlink(d / n)
+                    for i in range(200):
+                        (d / f"new{i:03}").write_bytes(b"")
+                    os.rename(d / names[0], d / "renamed")
+        untouched = set(names) - removed - {names[0]}
+        assert len(seen) == len(set(seen)), "an entry was listed twice"
+        assert untouched <= set(seen), f"{len(untouched - set(seen))} entries were skipped"
+        assert sorted(os.listdir(d)) == sorted(
+            (set(names) - removed - {names[0]}) | {f"new{i:03}" for i in range(200)}
+            | {"renamed"})
+        return True
+
+    assert same(pair, fn) == ("ok", True)
 
 
 # -------------------------------------------------------------------- mmap

@@ -9,6 +9,7 @@ counts).  One mount serves the module; the tests that remount use ``mnt``.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -254,6 +255,54 @@ def test_git_in_a_branch_and_commit_snapshot(shared: Mount, tmp_path: Path) -> N
     run("git", "--git-dir", snap / ".git", "fsck", "--full", "--no-dangling", env=env)
     log2 = run("git", "--git-dir", snap / ".git", "log", "--format=%s", env=env)
     assert log2.stdout.decode().split() == ["second", "first"]
+
+
+def test_hard_link_tools(branch: Path, tmp_path: Path) -> None:
+    """git clone --local, cp -al and rsync --link-dest make hard links."""
+    git = ["git", "-c", "user.name=T", "-c", "user.email=t@e", "-c", "init.defaultBranch=m"]
+    for d in (tmp_path, branch):
+        run(*git, "init", "-q", d / "a")
+        for i in range(20):
+            (d / "a" / f"f{i}").write_text(f"{i}\n" * i)
+        run(*git, "add", ".", cwd=d / "a")
+        run(*git, "commit", "-qm", "one", cwd=d / "a")
+        run(*git, "clone", "-q", "--local", d / "a", d / "b")
+        with open(d / "b" / "f1", "a") as f:
+            f.write("more\n")
+        run(*git, "commit", "-qam", "two", cwd=d / "b")
+        run(*git, "fsck", "--strict", cwd=d / "b")
+        run(*git, "-C", d / "a", "pull", "-q", "--ff-only", d / "b")
+        run(*git, "gc", "-q", "--prune=now", cwd=d / "a")
+        run(*git, "fsck", "--strict", cwd=d / "a")
+        run("cp", "-al", d / "a", d / "c")
+        run("rsync", "-a", f"--link-dest={d / 'a'}", f"{d / 'a'}/", f"{d / 'd'}/")
+        assert os.stat(d / "c" / "f3").st_ino == os.stat(d / "a" / "f3").st_ino
+    # git's own files hold paths and times; the work trees and link counts must match
+    def work_files(d: Path) -> dict:
+        return {k: v for k, v in tree(d, mtime=False).items() if ".git" not in k.split("/")}
+
+    assert work_files(branch) == work_files(tmp_path)
+    for d in (tmp_path, branch):
+        assert run("git", "-C", d / "a", "rev-list", "--count", "HEAD").stdout == b"2\n"
+
+
+def test_mv_between_branches(shared: Mount, tmp_path: Path) -> None:
+    """rename(2) across branches is EXDEV; mv falls back to copy and delete."""
+    other = shared.mnt / "mvtarget"
+    other.mkdir()
+    src = shared.main / "mvsrc"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(100_000))
+    os.symlink("f", src / "d" / "l")
+    os.utime(src / "d" / "f", ns=(1, 1_234_567_890_123_456_789))
+    before = tree(src)
+    with pytest.raises(OSError) as ei:
+        os.rename(src / "d", other / "d")
+    assert ei.value.errno == errno.EXDEV
+    run("mv", src / "d", other / "d")
+    assert not (src / "d").exists()
+    assert tree(other / "d") == {k.removeprefix("d/"): v for k, v in before.items()
+                                 if k.startswith("d/")}
 
 
 # -------------------------------------------------------------------- sqlite
