@@ -308,3 +308,26 @@ os.close(fd)
         mine = [ln for ln in lines if ln.startswith(b"p%d " % k)]
         assert mine == [b"p%d %04d" % (k, n) for n in range(300)]
     assert time.monotonic() - t0 < 60
+
+
+def test_sqlite_concurrent_writers(shared: Mount) -> None:
+    """Two sqlite3 processes writing one database: POSIX locks keep it consistent."""
+    db = shared.main / "conc.db"
+    subprocess.run(["sqlite3", str(db), "CREATE TABLE t(w INTEGER, n INTEGER);"], check=True)
+    code = r'''
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], timeout=60)
+for n in range(100):
+    with con:
+        con.execute("INSERT INTO t VALUES (?, ?)", (int(sys.argv[2]), n))
+con.close()
+'''
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), str(k)],
+                              stderr=subprocess.PIPE, text=True) for k in range(3)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err
+    out = subprocess.run(["sqlite3", str(db), "PRAGMA integrity_check; "
+                          "SELECT w, count(*), max(n) FROM t GROUP BY w;"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ok", "0|100|99", "1|100|99", "2|100|99"]

@@ -416,7 +416,9 @@ def test_branch_behaves_like_a_local_directory(model_mount: list[Mount], tmp_pat
     FsModel.mount = model_mount[0]
     FsModel.local = local
     run_state_machine_as_test(FsModel, settings=settings(
-        max_examples=25, stateful_step_count=30, deadline=None,
+        # JZ_MODEL_EXAMPLES=500 for a longer hunt outside the suite
+        max_examples=int(os.environ.get("JZ_MODEL_EXAMPLES", "25")), stateful_step_count=30,
+        deadline=None,
         suppress_health_check=list(HealthCheck)))
     # the last example's tree (its fds are closed) survives a remount unchanged
     want = walk(local)
