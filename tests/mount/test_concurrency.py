@@ -25,16 +25,16 @@ import pytest
 from .conftest import Mount, jz, start_mount, teardown
 
 WRITERS = 4
-DURATION = 6.0  # seconds the writers run
+DURATION = 5.0  # seconds the writers run at least (and until 4 commits are in)
 
-#: A writer process.  argv: branch dir, writer id, seconds, stop file.
+#: A writer process.  argv: branch dir, writer id, stop file (it stops once that exists).
 #: * w<i>.bin is replaced atomically (temp file + rename) by ever newer versions;
 #: * log<i>.txt grows by whole lines, one write() per line (O_APPEND);
 #: * shared.log gets the same lines from every writer (O_APPEND);
 #: * p<i>.bin is rewritten in place, one 4 KiB block per pwrite.
 WRITER = r'''
 import os, random, sys, time
-d, i, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+d, i, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
 def version(i, v):
     n = random.Random(i * 100003 + v).choice((0, 1, 1000, 65536, 200000, 400000))
@@ -44,7 +44,6 @@ def version(i, v):
 log = os.open(os.path.join(d, "log%d.txt" % i), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 shared = os.open(os.path.join(d, "shared.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 p = os.open(os.path.join(d, "p%d.bin" % i), os.O_RDWR | os.O_CREAT, 0o644)
-end = time.monotonic() + secs
 v = 0
 while True:
     tmp = os.path.join(d, ".w%d.tmp" % i)
@@ -56,7 +55,7 @@ while True:
     os.write(shared, line)
     for blk in range(16):
         os.pwrite(p, (b"%d:%d:%d;" % (i, v, blk)).ljust(4096, b"."), blk * 4096)
-    if time.monotonic() > end:
+    if os.path.exists(stop):
         break
     v += 1
 os.close(log); os.close(shared); os.close(p)
@@ -187,15 +186,18 @@ def test_writers_committer_and_snapshot_readers(shared: Mount, tmp_path: Path) -
     stop = tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(snap0), str(stop)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(branch), str(i),
-                                 str(DURATION)],
+    wstop = tmp_path / "writers-stop"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(branch), str(i), str(wstop)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(WRITERS)]
     commits: list[str] = []
+    t0 = time.monotonic()
     try:
-        while any(w.poll() is None for w in writers):
+        while time.monotonic() - t0 < DURATION or len(commits) < 4:
+            assert all(w.poll() is None for w in writers), "a writer died"
             res = shared.cli("commit", "--allow-empty", "-m", f"c{len(commits)}", "--json")
             commits.append(json.loads(res.stdout)["id"])
+        wstop.write_text("")
         final = {}
         for i, w in enumerate(writers):
             out, err = w.communicate(timeout=60)
@@ -203,6 +205,7 @@ def test_writers_committer_and_snapshot_readers(shared: Mount, tmp_path: Path) -
             final[i] = int(out)
     finally:
         stop.write_text("")
+        wstop.write_text("")
         for w in writers:
             if w.poll() is None:
                 w.kill()
@@ -210,9 +213,7 @@ def test_writers_committer_and_snapshot_readers(shared: Mount, tmp_path: Path) -
     assert reader.returncode == 0, rerr
     report = json.loads(rout)
     assert report["bad"] == [], report
-    assert report["rounds"] > 5 and report["files"] == 2
-
-    assert len(commits) >= 3, "the committer should have got several commits in"
+    assert report["rounds"] > 3 and report["files"] == 2
     assert all(v > 3 for v in final.values()), final
     # the branch itself: every file complete, at its last version
     check_tree(branch, final)
