@@ -9,6 +9,7 @@ repository's default branch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,6 +85,11 @@ class Group(click.Group):
         except JiaoziError as exc:
             click.echo(f"jiaozifuse: {exc}", err=True)
             sys.exit(1)
+        except BrokenPipeError:
+            # `jiaozifuse show ... | head`: the reader left; that is not an error.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as exc:
             click.echo(f"jiaozifuse: {exc.strerror or exc}"
                        + (f": {exc.filename}" if exc.filename else ""), err=True)
@@ -348,8 +354,12 @@ def show(obj: Ctx, spec: str, repo_opt: str | None, as_json: bool) -> None:
         with Repository.open(path_, readonly=True) as repo:
             fc = repo.file_content(bytes.fromhex(info["id"]))
             stream = click.get_binary_stream("stdout")
-            for cid, n in fc.chunk_ids():
-                stream.write(fc._entry_bytes(cid, n))
+            for n, data in fc.iter_pieces():
+                while data is None and n > 0:  # a hole: zeros, a MiB at a time
+                    stream.write(bytes(min(n, 1 << 20)))
+                    n -= 1 << 20
+                if data is not None:
+                    stream.write(data)
         return
 
     def human(i: dict) -> None:

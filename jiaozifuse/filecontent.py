@@ -23,7 +23,7 @@ FileContent is not thread-safe; the worktree serialises access per inode.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .chunking import ZERO_ID, chunk_and_hash, cut
@@ -199,6 +199,16 @@ class FileContent:
                 ci += 1
             si += 1
         return out
+
+    def iter_pieces(self) -> Iterator[tuple[int, bytes | None]]:
+        """(length, bytes) of each chunk in order; bytes is None for a hole.
+
+        For streaming a whole file out (export, show) without materialising
+        holes as zeros in memory.
+        """
+        for s in self.segs:
+            for cid, n in self._load(s):
+                yield n, (None if cid == ZERO_ID else self._entry_bytes(cid, n))
 
     def chunk_ids(self) -> list[Entry]:
         out: list[Entry] = []
@@ -378,6 +388,8 @@ class FileContent:
                 keep.append((cid, n))
             else:
                 part = size - pos
+                if part == 0:
+                    break
                 if cid == ZERO_ID:
                     keep.append((ZERO_ID, part))
                 else:

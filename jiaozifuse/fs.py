@@ -144,6 +144,7 @@ class Handle:
     writable: bool
     append: bool
     snapshot: bool
+    wrote: bool = False  # for the close_write event
     next_off: int = 0  # where a sequential read would continue
     ahead: int = 0  # readahead has been started up to here
 
@@ -313,6 +314,24 @@ class Ops(pyfuse3.Operations):
 
     def _is_branch_root(self, ino: int) -> bool:
         return ino in self.branch_roots.values()
+
+    # ---------------------------------------------------------------- events
+
+    def _event(self, type: str, parent: int | None = None, name: bytes | None = None,
+               ino: int | None = None, **extra: Any) -> None:
+        """Record an inotify-like event for a worktree change (never fails the op)."""
+        if not self.repo.events.enabled:
+            return
+        try:
+            if parent is not None and name is not None:
+                branch, ppath = self.repo.path_of(parent)
+                path = f"{ppath}/{os.fsdecode(name)}" if ppath else os.fsdecode(name)
+            else:
+                assert ino is not None
+                branch, path = self.repo.path_of(ino)
+            self.repo.events.append(type, branch=branch, path=path, **extra)
+        except Exception:
+            log.exception("could not record a %s event", type)
 
     # --------------------------------------------------------------- lookups
 
@@ -512,6 +531,7 @@ class Ops(pyfuse3.Operations):
         p = self.wt.getattr(parent)
         uid, gid, mode = self._owner(p, ctx, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777))
         node = self.wt.create(parent, name, mode, uid, gid)
+        self._event("mkdir", parent, name)
         return self._wt_attr(node)
 
     @handler
@@ -522,7 +542,9 @@ class Ops(pyfuse3.Operations):
         p = self.wt.getattr(parent)
         uid, gid, mode = self._owner(p, ctx, kind | (mode & ~ctx.umask & 0o7777))
         target = rdev.to_bytes(8, "big") if kind in (stat.S_IFCHR, stat.S_IFBLK) else b""
-        return self._wt_attr(self.wt.create(parent, name, mode, uid, gid, target=target))
+        node = self.wt.create(parent, name, mode, uid, gid, target=target)
+        self._event("create", parent, name, size=0)
+        return self._wt_attr(node)
 
     @handler
     async def symlink(self, parent: int, name: bytes, target: bytes,
@@ -530,18 +552,21 @@ class Ops(pyfuse3.Operations):
         self._check_writable(parent)
         p = self.wt.getattr(parent)
         uid, gid, _ = self._owner(p, ctx, stat.S_IFLNK)
-        return self._wt_attr(self.wt.create(parent, name, stat.S_IFLNK | 0o777, uid, gid,
-                                            target=target))
+        node = self.wt.create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        self._event("create", parent, name, target=os.fsdecode(target))
+        return self._wt_attr(node)
 
     @handler
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self._check_writable(parent)
         self.wt.unlink(parent, name)
+        self._event("delete", parent, name)
 
     @handler
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self._check_writable(parent)
         self.wt.unlink(parent, name, rmdir=True)
+        self._event("rmdir", parent, name)
 
     @handler
     async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int,
@@ -554,7 +579,10 @@ class Ops(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EXDEV)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        old = self.repo.path_of(p1)[1] if self.repo.events.enabled else ""
         self.wt.rename(p1, n1, p2, n2, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        old_path = f"{old}/{os.fsdecode(n1)}" if old else os.fsdecode(n1)
+        self._event("move", p2, n2, old_path=old_path)
 
     def _branch_of(self, ino: int) -> int:
         """The root inode of the worktree holding directory *ino*."""
@@ -573,7 +601,9 @@ class Ops(pyfuse3.Operations):
         if self._branch_of(parent) != self._branch_of(self.wt.getattr(ino).links[0][0]
                                                       if self.wt.getattr(ino).links else ino):
             raise pyfuse3.FUSEError(errno.EXDEV)
-        return self._wt_attr(self.wt.link(ino, parent, name))
+        node = self.wt.link(ino, parent, name)
+        self._event("create", parent, name, size=node.size, link=True)
+        return self._wt_attr(node)
 
     @handler
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None,
@@ -591,6 +621,16 @@ class Ops(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
+        if fields.update_size:
+            writer = next((h for h in self.handles.values() if h.ino == ino and h.writable),
+                          None)
+            if writer is not None:
+                writer.wrote = True  # its close reports the change
+            else:
+                self._event("close_write", ino=ino, size=node.size)
+        elif fields.update_mode or fields.update_uid or fields.update_gid or (
+                fields.update_mtime or fields.update_atime):
+            self._event("attrib", ino=ino)
         return self._wt_attr(node)
 
     # ----------------------------------------------------------------- files
@@ -620,10 +660,13 @@ class Ops(pyfuse3.Operations):
         if writable and self.read_only:
             raise _erofs()
         self.wt.open(ino)
+        truncated = False
         if flags & os.O_TRUNC and writable:
             await self.settle(ino)
             self.wt.truncate(ino, 0)
-        fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False))
+            truncated = True
+        fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False,
+                                 wrote=truncated))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
@@ -634,7 +677,8 @@ class Ops(pyfuse3.Operations):
         uid, gid, mode = self._owner(p, ctx, stat.S_IFREG | (mode & ~ctx.umask & 0o7777))
         node = self.wt.create(parent, name, mode, uid, gid)
         self.wt.open(node.ino)
-        fh = self._new_fh(Handle(node.ino, True, bool(flags & os.O_APPEND), False))
+        self._event("create", parent, name, size=0)
+        fh = self._new_fh(Handle(node.ino, True, bool(flags & os.O_APPEND), False, wrote=True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._wt_attr(node)
 
     @handler
@@ -691,6 +735,7 @@ class Ops(pyfuse3.Operations):
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
         of = self.wt.open_files[h.ino]
+        h.wrote = True
         self.stats["writes"] = self.stats.get("writes", 0) + 1
         self.stats["write_bytes"] = self.stats.get("write_bytes", 0) + len(buf)
         if h.append:
@@ -799,7 +844,9 @@ class Ops(pyfuse3.Operations):
             return
         with contextlib.suppress(Exception):
             await self.settle(h.ino)
-        self.wt.release(h.ino)
+        of = self.wt.release(h.ino)
+        if h.wrote and of is not None and of.inode.nlink > 0:
+            self._event("close_write", ino=h.ino, size=of.size)
 
     # ---------------------------------------------------------------- xattrs
 
@@ -814,12 +861,14 @@ class Ops(pyfuse3.Operations):
             # such as cp -a fall back to chmod when ACLs are refused.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.wt.setxattr(ino, name, value)
+        self._event("attrib", ino=ino, xattr=os.fsdecode(name))
 
     @handler
     async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
         if ino < 1024 or ino >= SNAP_BASE or self.read_only:
             raise _erofs()
         self.wt.setxattr(ino, name, None)
+        self._event("attrib", ino=ino, xattr=os.fsdecode(name))
 
     def _xattrs(self, ino: int) -> dict[bytes, bytes]:
         if ino >= SNAP_BASE:

@@ -177,6 +177,9 @@ def decode_tree(data: bytes) -> Tree:
         prev = name
         if not all(isinstance(v, int) for v in (mode, uid, gid, mtime_ns, size)):
             raise Corrupt("tree entry with non-integer attributes")
+        if not (0 <= mode < 1 << 32 and 0 <= uid < 1 << 32 and 0 <= gid < 1 << 32
+                and 0 <= size < 1 << 64 and -(1 << 63) <= mtime_ns < 1 << 63):
+            raise Corrupt("tree entry with attributes out of range")
         if not isinstance(ref, bytes) or not isinstance(xattrs, dict):
             raise Corrupt("tree entry with bad reference or xattrs")
         kind = stat.S_IFMT(mode)
@@ -188,9 +191,9 @@ def decode_tree(data: bytes) -> Tree:
             raise Corrupt("FIFO or socket entry with data")
         if kind not in _TYPES:
             raise Corrupt(f"tree entry of unsupported type {kind:o}")
-        xs = tuple(sorted((k, v) for k, v in xattrs.items()))
-        if not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in xs):
+        if not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in xattrs.items()):
             raise Corrupt("tree entry with bad xattrs")
+        xs = tuple(sorted(xattrs.items()))
         out.append(TreeEntry(name, mode, uid, gid, mtime_ns, size, ref, xs))
     return Tree(tuple(out))
 

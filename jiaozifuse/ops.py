@@ -72,11 +72,14 @@ def op_log(repo: Repository, ref: str | None, limit: int | None = None) -> list[
 def op_show(repo: Repository, ref: str, path: str | None = None) -> dict:
     cid = repo.resolve(ref)
     c = repo.get_commit(cid)
-    if not path:
+    if path is None or path == "":
         return {"type": "commit", **commit_dict(cid, c)}
     entry = repo.tree_entry(cid, path)
-    if entry is None:
-        return {"type": "commit", **commit_dict(cid, c)}
+    if entry is None:  # the root directory ("REF:/")
+        from .objects import TreeEntry
+
+        entry = TreeEntry(b"", 0o40755, 0, 0, c.time_ns,
+                          repo.get_tree(c.tree).logical_size, c.tree)
     info: dict[str, Any] = {
         "commit": cid.hex(), "path": path, "mode": entry.mode, "size": entry.size,
         "mtime_ns": entry.mtime_ns,

@@ -211,10 +211,16 @@ class Remote:
             if cur is not None:
                 self.delete(key)
             return ""
-        body = json.dumps({"commit": commit.hex()}).encode()
-        if expected_etag is None:
-            return self.put(key, body, IfNoneMatch="*")
-        return self.put(key, body, IfMatch=expected_etag)
+        # The nonce makes every write's ETag new: S3 ETags are MD5s of the body,
+        # so without it a ref going A -> B -> A would hand its old ETag back
+        # and a writer holding that stale ETag would win the swap.
+        body = json.dumps({"commit": commit.hex(), "nonce": os.urandom(8).hex()}).encode()
+        try:
+            if expected_etag is None:
+                return self.put(key, body, IfNoneMatch="*")
+            return self.put(key, body, IfMatch=expected_etag)
+        except NotFound:  # AWS answers If-Match on a missing key with 404
+            raise Conflict(f"ref {name} changed on the remote meanwhile") from None
 
     def list_refs(self) -> dict[str, bytes]:
         out = {}

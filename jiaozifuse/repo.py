@@ -29,6 +29,7 @@ from typing import Any
 
 from . import writeback
 from .errors import BadName, Conflict, Corrupt, Exists, JiaoziError, NotFound
+from .events import DEFAULT_MAX_AGE_S, DEFAULT_MAX_EVENTS, EventLog
 from .filecontent import FileContent
 from .objects import (
     EMPTY_TREE,
@@ -52,6 +53,8 @@ log = logging.getLogger("jiaozifuse.repo")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 HEX_RE = re.compile(r"[0-9a-f]{4,64}\Z")
 CONFIG = "config.json"
+#: A commit event lists at most this many changed paths (then says it was cut).
+MAX_EVENT_PATHS = 10_000
 
 
 def check_ref_name(name: str, kind: str = "branch") -> str:
@@ -104,6 +107,10 @@ class Repository:
         self._fetched_bytes = 0
         self.access = AccessLog()
         store.queue_uploads = bool(config.get("remote"))
+        ev = config.get("events", {})
+        self.events = EventLog(store, int(ev.get("max_events", DEFAULT_MAX_EVENTS)),
+                               float(ev.get("max_age_s", DEFAULT_MAX_AGE_S)))
+        self._roots: dict[int, str] = {}
         #: receivers of repository events: fn(type: str, **fields)
         self.listeners: list[Callable[..., None]] = []
         #: called as fn(branch, root_ino, names) when a branch's worktree is replaced
@@ -117,6 +124,9 @@ class Repository:
              endpoint_url: str | None = None, cache_size: int | None = None) -> Repository:
         path = Path(path)
         check_ref_name(default_branch)
+        for parent in path.resolve().parents:
+            if (parent / CONFIG).exists() and (parent / "store").is_dir():
+                raise Exists(f"{path} is inside the repository {parent}")
         rem = None
         if remote:
             rem = Remote(remote, endpoint_url)
@@ -361,8 +371,32 @@ class Repository:
         self.close()
 
     def emit(self, type: str, **fields: object) -> None:
+        """Record an event (durably, in the event log) and tell in-process listeners."""
+        if self.events.enabled:
+            self.events.append(type, **fields)
         for fn in self.listeners:
             fn(type, **fields)
+
+    def branch_of_root(self, root_ino: int) -> str | None:
+        name = self._roots.get(root_ino)
+        if name is None:
+            with self.store.read() as r:
+                self._roots = {from_u64(v): bytes(k[3:]).decode()
+                               for k, v in r.prefix("refs", b"wt/")}
+            name = self._roots.get(root_ino)
+        return name
+
+    def path_of(self, ino: int) -> tuple[str | None, str]:
+        """(branch, path) of a worktree inode, following its first link upwards."""
+        parts: list[bytes] = []
+        node = self.worktree.getattr(ino)
+        for _ in range(4096):
+            if not node.links:
+                break
+            parent, name = node.links[0]
+            parts.append(name)
+            node = self.worktree.getattr(parent)
+        return self.branch_of_root(node.ino), os.fsdecode(b"/".join(reversed(parts)))
 
     @property
     def default_branch(self) -> str:
@@ -555,25 +589,35 @@ class Repository:
         self, branch: str, message: str, meta: dict[str, str] | None = None,
         author: str | None = None, allow_empty: bool = False,
     ) -> bytes:
-        """Commit the branch's worktree.  Cost grows with the change only."""
+        """Commit the branch's worktree.  Cost grows with the change only.
+
+        Metadata values are stored as text (``loss=0.5`` becomes ``"0.5"``).
+        """
+        if not isinstance(message, str):
+            raise JiaoziError("the commit message must be text")
+        meta = {str(k): str(v) for k, v in (meta or {}).items()}
         self.worktree.flush_all()
         with self.store.write() as w:
             head = self.head(branch, w)
             parent_tree = self.get_commit(head, w).tree
             tree, _ = self.worktree.write_tree(w, self.root_ino(branch, w))
-            if tree == parent_tree and not allow_empty:
+            changed = [c.path for c in self._diff_trees(w, parent_tree, tree)]
+            # The same test as status: a rewrite with identical bytes (a new
+            # mtime only) is nothing to commit.
+            if not changed and not allow_empty:
                 raise JiaoziError(f"nothing to commit on {branch}")
-            # The changed paths are for event listeners; without any, skip the diff.
-            changed = ([c.path for c in self._diff_trees(w, parent_tree, tree)]
-                       if self.listeners else [])
             cid = self._make_commit(w, tree, [head], message, meta, author)
             self.update_ref(w, branch, head, cid)
-        self.emit("commit", branch=branch, commit=cid.hex(), paths=changed)
+        more = len(changed) > MAX_EVENT_PATHS
+        self.emit("commit", branch=branch, commit=cid.hex(), paths=changed[:MAX_EVENT_PATHS],
+                  paths_truncated=more or None)
         return cid
 
     def log(self, ref: str, limit: int | None = None) -> Iterator[tuple[bytes, Commit]]:
         """Commits reachable from *ref*, newest first (by time, then graph order)."""
         start = self.resolve(ref)
+        if limit is not None and limit <= 0:
+            return
         seen = set()
         heap = [start]
         n = 0
@@ -654,6 +698,12 @@ class Repository:
 
     def _diff_trees(self, t: Txn, a: bytes | None, b: bytes | None,
                     prefix: bytes = b"") -> list[Change]:
+        """Paths that differ by content or mode (an mtime alone is no change).
+
+        Files are listed by path; a directory is listed (with a trailing
+        ``/``) only where nothing below it says the change: it was added or
+        deleted empty, or its mode changed.
+        """
         if a == b:
             return []
         ta = decode_tree(self._object(t, a)) if a else Tree()
@@ -666,6 +716,8 @@ class Repository:
             if ea is not None and eb is not None and _entry_key(ea) == _entry_key(eb):
                 continue
             if ea is not None and eb is not None and ea.is_dir and eb.is_dir:
+                if ea.mode != eb.mode:
+                    out.append(Change("modified", os.fsdecode(path + b"/")))
                 out += self._diff_trees(t, ea.ref, eb.ref, path + b"/")
                 continue
             for e, kind in ((ea, "deleted"), (eb, "added")):
@@ -675,7 +727,7 @@ class Repository:
                 if e.is_dir:
                     sub = (self._diff_trees(t, e.ref, None, path + b"/") if kind == "deleted"
                            else self._diff_trees(t, None, e.ref, path + b"/"))
-                    out += sub
+                    out += sub or [Change(kind, os.fsdecode(path + b"/"))]
                 else:
                     out.append(Change(kind, os.fsdecode(path), e.size))
             if ea is not None and eb is not None and not (ea.is_dir or eb.is_dir):
@@ -943,6 +995,8 @@ class Repository:
         """Write the tree of *ref* into *dest* (which must be empty or absent)."""
         dest = Path(dest)
         cid = self.resolve(ref)
+        if dest.exists() and not dest.is_dir():
+            raise JiaoziError(f"{dest} exists and is not a directory", errno.ENOTDIR)
         if dest.exists() and any(dest.iterdir()):
             raise Exists(f"{dest} is not empty")
         dest.mkdir(parents=True, exist_ok=True)
@@ -969,8 +1023,12 @@ class Repository:
             else:
                 fc = self.file_content(e.ref)
                 with open(target, "wb") as f:
-                    for cid_, n in fc.chunk_ids():
-                        f.write(fc._entry_bytes(cid_, n))
+                    for n, data in fc.iter_pieces():
+                        if data is None:
+                            f.seek(n, os.SEEK_CUR)  # a hole stays a hole
+                        else:
+                            f.write(data)
+                    f.truncate()
                 _apply_meta(target, e)
                 count += 1
         for target, e in reversed(dirs):

@@ -171,6 +171,8 @@ class Store:
         self.batch_dirty = False
         #: set when the repository has a remote (see Txn.queue)
         self.queue_uploads = False
+        self.refs = 1
+        _OPEN[path.resolve()] = self
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -186,6 +188,11 @@ class Store:
     def open(cls, path: Path, readonly: bool = False) -> Store:
         if not (path / "data.mdb").exists():
             raise JiaoziError(f"no store at {path}")
+        shared = _OPEN.get(path.resolve())
+        if shared is not None:
+            # LMDB allows one environment per file per process: share it.
+            shared.refs += 1
+            return shared
         store = cls._open_env(path, create=False, readonly=readonly)
         with store.read() as r:
             raw = r.get("meta", b"format")
@@ -226,6 +233,10 @@ class Store:
         return cls(path, env)
 
     def close(self) -> None:
+        self.refs -= 1
+        if self.refs > 0:
+            return
+        _OPEN.pop(self.path.resolve(), None)
         self.end_batch()
         self.env.close()
 
@@ -331,6 +342,18 @@ class Store:
         return self.env.info()["last_pgno"] * self.env.stat()["psize"]
 
 
+def _disk_full(path: Path, slack: int = 1 << 20) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < slack
+
+
+#: Stores open in this process, by path (LMDB: one environment per file per process).
+_OPEN: dict[Path, Store] = {}
+
+
 def _translate(exc: lmdb.Error, path: Path) -> JiaoziError:
     if isinstance(exc, lmdb.MapFullError):
         return StoreFull(f"store at {path} is full (map size reached)")
@@ -341,7 +364,8 @@ def _translate(exc: lmdb.Error, path: Path) -> JiaoziError:
             if os.strerror(num) in text:
                 code = num
                 break
-    if code in (errno.ENOSPC, errno.EDQUOT):
+    if code in (errno.ENOSPC, errno.EDQUOT) or _disk_full(path):
+        # LMDB reports a failed write-back of a full disk as EIO: look at the disk.
         return StoreFull(f"no space left for the store at {path}")
     if code == errno.EROFS:
         return JiaoziError(f"store at {path} is on a read-only filesystem", errno.EROFS)

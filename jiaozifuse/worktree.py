@@ -128,8 +128,10 @@ class Inode:
     def from_entry(cls, ino: int, e: TreeEntry, parent: int) -> Inode:
         is_dir = e.is_dir
         special = not (is_dir or e.is_file)
+        # A directory's link count is known once it is loaded (2 + subdirs);
+        # until then it is 1, which tools such as find read as "unknown".
         return cls(
-            ino, e.mode, e.uid, e.gid, 2 if is_dir else 1, e.size, e.mtime_ns, e.mtime_ns,
+            ino, e.mode, e.uid, e.gid, 1, e.size, e.mtime_ns, e.mtime_ns,
             e.mtime_ns,
             ref=None if special else e.ref,
             target=e.ref if special else b"",
@@ -279,11 +281,14 @@ class Worktree:
         if raw is None:
             raise Corrupt(f"tree {d.ref.hex()} is missing from the store")
         tree = decode_tree(raw)
+        subdirs = 0
         for e in tree.entries:
             ino = self._alloc(t)
             self._put(t, Inode.from_entry(ino, e, d.ino))
             self._link(t, d.ino, e.name, ino)
+            subdirs += e.is_dir
         d.loaded = True
+        d.nlink = 2 + subdirs
         self._put(t, d)
         return d
 
@@ -441,6 +446,8 @@ class Worktree:
             if self._child(w, parent, name) is not None:
                 raise Exists(f"{name.decode(errors='replace')} exists")
             ts = now_ns()
+            if kind in (stat.S_IFCHR, stat.S_IFBLK) and not target:
+                target = rdev.to_bytes(8, "big")
             ino = Inode(
                 self._alloc(w), mode, uid, gid, 2 if kind == stat.S_IFDIR else 1,
                 len(target) if kind == stat.S_IFLNK else 0, ts, ts, ts,
@@ -814,7 +821,7 @@ class Worktree:
                 raise Corrupt(f"file inode {child} has no manifest")
             e = c.entry(name)
             entries.append(e)
-            total += e.size if not c.is_symlink else 0
+            total += e.size
         enc = encode_tree(entries)
         tid = object_id(enc)
         t.put_object(tid, enc)

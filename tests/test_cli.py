@@ -353,8 +353,6 @@ def test_log_ref_and_max_count(repo: Repo) -> None:
     user_error(repo.run("log", "nope"), "nope")
 
 
-@pytest.mark.xfail(reason="BUG: `log -n 0` prints one commit: Repository.log checks the "
-                          "limit only after yielding", strict=True)
 def test_log_max_count_zero_prints_nothing(repo: Repo) -> None:
     repo.commit({"a": "1"}, "one")
     assert repo.json("log", "-n", "0") == []
@@ -414,8 +412,6 @@ def test_show_dir_json_and_symlink(repo: Repo) -> None:
     assert commit["type"] == "commit" and commit["id"] == cid
 
 
-@pytest.mark.xfail(reason="BUG: `show REF:/` prints the commit, not the root directory "
-                          "(op_show treats a root entry like no path)", strict=True)
 def test_show_root_directory(repo: Repo) -> None:
     repo.commit({"top.csv": "1", "d/x": "2"}, "one")
     info = repo.json("show", "main:/")
@@ -469,11 +465,6 @@ def test_rewriting_identical_bytes_is_no_change(repo: Repo) -> None:
     assert repo.ok("diff", first, second).out == b""
 
 
-@pytest.mark.xfail(reason="BUG: after rewriting a file with identical bytes (new mtime) "
-                          "`status` says nothing to commit but `commit` (no --allow-empty) "
-                          "makes a commit whose diff is empty: commit compares tree ids, "
-                          "which include mtime, status compares (mode, content)",
-                   strict=True)
 def test_status_and_commit_agree_after_identical_rewrite(repo: Repo) -> None:
     src = repo.work / "same"
     make_files(src, {"t.txt": "text\n"})
@@ -921,9 +912,6 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_commits(tmp_path: Path) -> No
 
 
 @needs_root
-@pytest.mark.xfail(reason="BUG: ENOSPC from LMDB's commit surfaces as 'store error at "
-                          "...: mdb_txn_commit: Input/output error', not a 'no space' "
-                          "message", strict=True)
 def test_full_disk_message_says_no_space(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "8m"):
         _r, _cid, res = _fill_disk(tmp_path)

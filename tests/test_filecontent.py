@@ -156,9 +156,6 @@ def test_truncate_grow_and_shrink():
     assert s.save(fc) == EMPTY_MANIFEST_ID
 
 
-@pytest.mark.xfail(
-    reason="filecontent.FileContent.truncate: truncating exactly at the start of a ZERO run "
-    "keeps a zero-length (ZERO_ID, 0) entry in the manifest", strict=True)
 def test_truncate_at_hole_start_leaves_no_empty_entry():
     s = Store()
     fc = s.content()

@@ -770,10 +770,6 @@ def test_two_processes_commit_to_one_branch(tmp_repo):
     assert files_at(tmp_repo, "main") == {"from-a": b"a", "from-b": b"b", "again-a": b"a2"}
 
 
-@pytest.mark.xfail(
-    reason="repo.Repository.open/store.Store.open: a second Repository on a path already "
-    "open in this process fails ('environment ... already open in this process')",
-    strict=True)
 def test_two_repository_objects_in_one_process(tmp_repo):
     other = Repository.open(tmp_repo.path)
     try:
@@ -805,10 +801,6 @@ def test_update_ref_with_a_stale_head_is_a_conflict(tmp_repo):
 # ------------------------------------------------------------ known bugs
 
 
-@pytest.mark.xfail(
-    reason="repo.Repository.export: a ZERO run (hole) is materialised as one bytes object "
-    "of its full length (FileContent._entry_bytes), so memory grows with the hole",
-    strict=True)
 def test_export_of_a_sparse_file_uses_bounded_memory(tmp_repo, tmp_path):
     import tracemalloc
 
@@ -831,10 +823,6 @@ def test_export_of_a_sparse_file_uses_bounded_memory(tmp_repo, tmp_path):
     assert peak < 64 * MiB, f"export of a 256 MiB hole peaked at {peak / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(
-    reason="worktree.Worktree.write_tree leaves symlinks out of a directory's size while "
-    "objects.Tree.logical_size (used by merge, revert, reset and stats) counts their "
-    "target length: the same content gets different sizes (and tree ids)", strict=True)
 def test_directory_sizes_are_consistent_with_symlinks(tmp_repo):
     wt = tmp_repo.worktree
     root = tmp_repo.root_ino("main")
@@ -859,10 +847,6 @@ def test_directory_sizes_are_consistent_with_symlinks(tmp_repo):
         tmp_repo.get_commit(committed).tree).logical_size
 
 
-@pytest.mark.xfail(
-    reason="repo.Repository.commit writes a commit with non-string meta values (or "
-    "message/author) that decode_commit then rejects: the branch head becomes unreadable "
-    "(log, diff, merge and every later commit raise Corrupt)", strict=True)
 def test_commit_with_numeric_meta_never_breaks_the_branch(tmp_repo):
     write(tmp_repo, "f", b"x")
     try:
@@ -874,9 +858,6 @@ def test_commit_with_numeric_meta_never_breaks_the_branch(tmp_repo):
     tmp_repo.commit("main", "next")
 
 
-@pytest.mark.xfail(
-    reason="repo.Repository.export into a path that is a regular file raises "
-    "NotADirectoryError instead of a JiaoziError", strict=True)
 def test_export_into_a_regular_file_is_a_user_error(tmp_repo, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(JiaoziError):
