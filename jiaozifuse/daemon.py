@@ -261,6 +261,32 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
 
         wb.checkpoint = checkpoint
 
+    async def trigger_loop() -> None:
+        """Run triggers for new events; the event is acknowledged after its triggers."""
+        from . import triggers
+
+        runner = triggers.Runner(repo)
+        limiter = trio.CapacityLimiter(2)
+        while True:
+            try:
+                items = runner.pending(50)
+            except Exception:
+                log.exception("cannot read pending events")
+                items = []
+            if not items:
+                await trio.sleep(0.3)
+                continue
+            for ev, rules in items:
+                for rule in rules:
+                    result = await trio.to_thread.run_sync(
+                        triggers.execute, rule, ev, str(repo.path), limiter=limiter)
+                    triggers.record(repo, ev, rule, result)
+                    if not result.ok:
+                        log.warning("trigger %s failed for event %d: %s", rule.name,
+                                    ev["seq"], result.error)
+                repo.events.ack(triggers.CONSUMER, ev["seq"])
+                repo.store.commit_batch()
+
     async def run_op(name: str, args: dict) -> Any:
         """Operations that wait on the remote run here, without blocking FUSE."""
         if name == "sync":
@@ -270,6 +296,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             before = wb.sent_bytes
             await wb.drain()
             return {"packs": 0, "bytes": wb.sent_bytes - before, "refs": 0}
+        if name == "triggers_run":
+            return {"handled": 0, "note": "the mount daemon runs triggers by itself"}
         if name == "commit" and args.get("wait"):
             result = opsmod.run(repo, "commit", {**args, "wait": False})
             repo.store.commit_batch()
@@ -370,6 +398,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         ops.nursery = nursery
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
+        nursery.start_soon(trigger_loop)
         if wb is not None:
             nursery.start_soon(wb.run)
         tell("ready")

@@ -218,6 +218,40 @@ def op_remote_status(repo: Repository) -> dict:
 
 
 @op
+def op_events(repo: Repository, since: int = 0, limit: int = 1000) -> dict:
+    events = list(repo.events.read(since, limit))
+    return {"events": events, "last_seq": repo.events.last_seq()}
+
+
+@op
+def op_triggers_status(repo: Repository, limit: int = 50) -> dict:
+    from . import triggers
+
+    return {"runs": triggers.history(repo, limit),
+            "offset": repo.events.offset(triggers.CONSUMER),
+            "last_seq": repo.events.last_seq()}
+
+
+@op
+def op_triggers_check(repo: Repository, ref: str | None = None) -> dict:
+    from . import triggers
+
+    cid = repo.resolve(ref or repo.default_branch)
+    rules = triggers.rules_at(repo, cid)
+    return {"commit": cid.hex(), "triggers": [
+        {"name": r.name, "on": list(r.on), "branches": list(r.branches),
+         "paths": list(r.paths), "run": list(r.run), "webhook": r.webhook}
+        for r in rules]}
+
+
+@op
+def op_triggers_run(repo: Repository, limit: int = 1000) -> dict:
+    from . import triggers
+
+    return {"handled": triggers.Runner(repo).run_once(limit)}
+
+
+@op
 def op_ping(repo: Repository) -> dict:
     return {"repo": str(repo.path), "pid": os.getpid()}
 

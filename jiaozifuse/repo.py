@@ -602,10 +602,14 @@ class Repository:
             parent_tree = self.get_commit(head, w).tree
             tree, _ = self.worktree.write_tree(w, self.root_ino(branch, w))
             changed = [c.path for c in self._diff_trees(w, parent_tree, tree)]
-            # The same test as status: a rewrite with identical bytes (a new
-            # mtime only) is nothing to commit.
-            if not changed and not allow_empty:
-                raise JiaoziError(f"nothing to commit on {branch}")
+        # The same test as status: a rewrite with identical bytes (a new
+        # mtime only) is nothing to commit.
+        if not changed and not allow_empty:
+            raise JiaoziError(f"nothing to commit on {branch}")
+        from .triggers import run_pre_commit
+
+        run_pre_commit(self, branch, changed)
+        with self.store.write() as w:
             cid = self._make_commit(w, tree, [head], message, meta, author)
             self.update_ref(w, branch, head, cid)
         more = len(changed) > MAX_EVENT_PATHS
