@@ -131,14 +131,15 @@ def fr32_pad(data: bytes | memoryview) -> bytes:
     return bytes(out)
 
 
-def _reduce_py(nodes: list[bytes], levels: int) -> bytes:
-    for level in range(levels):
+def _reduce_py(nodes: list[bytes], levels: int, base: int = 0) -> bytes:
+    """Reduce *nodes* (at tree level *base*) *levels* levels up, zero-padding on the right."""
+    for level in range(base, base + levels):
         if not nodes:
-            return _ZEROS[levels]
+            break
         if len(nodes) % 2:
             nodes.append(_ZEROS[level])
         nodes = [_node(nodes[i], nodes[i + 1]) for i in range(0, len(nodes), 2)]
-    return nodes[0] if nodes else _ZEROS[levels]
+    return nodes[0] if nodes else _ZEROS[base + levels]
 
 
 def _subtree_py(data: bytes | memoryview, levels: int) -> bytes:
@@ -551,7 +552,7 @@ class CommP:
             tail = self._tail_root(bytearray(self._buf[: self._fill]), self._fill, CHUNK_LEVEL)
         if tail is not None:
             roots.append(tail)
-        return Piece(_reduce_py(roots, height - CHUNK_LEVEL), self.size, padded)
+        return Piece(_reduce_py(roots, height - CHUNK_LEVEL, CHUNK_LEVEL), self.size, padded)
 
 
 class ThreadedCommP:
