@@ -287,6 +287,25 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 repo.events.ack(triggers.CONSUMER, ev["seq"])
                 repo.store.commit_batch()
 
+    async def forward_loop(fwd: Any) -> None:
+        """Send events to the broker; acknowledged in the log only once sent."""
+        backoff = 1.0
+        while True:
+            events = fwd.pending(500)
+            if not events:
+                await trio.sleep(0.2)
+                continue
+            try:
+                await trio.to_thread.run_sync(fwd.send, events)
+            except Exception as exc:  # broker down: keep the events, retry later
+                log.warning("event forwarding failed (retrying in %.0f s): %s", backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(60.0, backoff * 2)
+                continue
+            backoff = 1.0
+            repo.events.ack("redis", events[-1]["seq"])
+            repo.store.commit_batch()
+
     async def run_op(name: str, args: dict) -> Any:
         """Operations that wait on the remote run here, without blocking FUSE."""
         if name == "sync":
@@ -399,6 +418,11 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
         nursery.start_soon(trigger_loop)
+        from .forward import RedisForwarder
+
+        fwd = RedisForwarder.from_config(repo.events, repo.config)
+        if fwd is not None:
+            nursery.start_soon(forward_loop, fwd)
         if wb is not None:
             nursery.start_soon(wb.run)
         tell("ready")
