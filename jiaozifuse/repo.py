@@ -110,6 +110,8 @@ class Repository:
         ev = config.get("events", {})
         self.events = EventLog(store, int(ev.get("max_events", DEFAULT_MAX_EVENTS)),
                                float(ev.get("max_age_s", DEFAULT_MAX_AGE_S)))
+        #: config ``events.enabled: false`` turns recording off (benchmarks)
+        self.events.enabled = bool(ev.get("enabled", True))
         self._roots: dict[int, str] = {}
         #: receivers of repository events: fn(type: str, **fields)
         self.listeners: list[Callable[..., None]] = []
