@@ -252,10 +252,12 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
 @click.option("--lazy-close", is_flag=True,
               help="close() does not wait for a durable commit; the group commit makes it "
                    "durable within 50 ms (fsync() always waits).")
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics there (off by default).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
 def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool,
           only_branch: str | None, only_commit: str | None, lazy_close: bool,
-          debug: bool) -> None:
+          metrics_addr: str | None, debug: bool) -> None:
     """Mount REPO at MOUNTPOINT (returns once the mount is ready)."""
     from .daemon import MountOptions, start
 
@@ -263,6 +265,7 @@ def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_
         repo=Path(repo).resolve(), mountpoint=Path(mountpoint).resolve(),
         foreground=foreground, allow_other=allow_other, read_only=read_only,
         branch=only_branch, debug=debug, lazy_close=lazy_close, commit=only_commit,
+        metrics_addr=metrics_addr,
     ))
 
 

@@ -50,6 +50,7 @@ class MountOptions:
     debug: bool = False
     lazy_close: bool = False
     commit: str | None = None
+    metrics_addr: str | None = None
 
 
 def _mounted(mnt: Path) -> bool:
@@ -195,6 +196,14 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
                 "branch": opts.branch, "commit": opts.commit}
         ops = Ops(repo, read_only=opts.read_only or bool(opts.commit), info=info,
                   lazy_close=opts.lazy_close, branch=opts.branch, commit=opts.commit)
+        if opts.metrics_addr:
+            from .metrics import Metrics
+
+            ops.metrics = Metrics(repo)
+            try:
+                ops.metrics.serve(opts.metrics_addr)
+            except (OSError, ValueError) as exc:
+                raise JiaoziError(f"cannot serve metrics on {opts.metrics_addr}: {exc}") from None
         options = set(pyfuse3.default_options)
         options |= {"fsname=jiaozifuse", "subtype=jiaozifuse"}
         if opts.allow_other:
@@ -243,6 +252,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             repo.store, lambda: repo.remote, repo.is_ancestor_committed,
             repo.config.get("cache_size"), repo.access,
         )
+        wb.metrics = ops.metrics
         fetch_limit = trio.CapacityLimiter(8)
 
         async def fetcher(ids: list[bytes]) -> None:
@@ -252,6 +262,9 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 writeback.store_fetched(w, got)
             for cid in got:
                 repo.access.touch(cid)
+            if ops.metrics is not None:
+                ops.metrics.cache_misses.inc(len(got))
+                ops.metrics.read_bytes.labels("remote").inc(sum(map(len, got.values())))
 
         ops.fetcher = fetcher
 
@@ -281,6 +294,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     result = await trio.to_thread.run_sync(
                         triggers.execute, rule, ev, str(repo.path), limiter=limiter)
                     triggers.record(repo, ev, rule, result)
+                    if ops.metrics is not None:
+                        ops.metrics.trigger_runs.labels("ok" if result.ok else "failed").inc()
                     if not result.ok:
                         log.warning("trigger %s failed for event %d: %s", rule.name,
                                     ev["seq"], result.error)
@@ -399,12 +414,16 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
     async def group_commit() -> None:
         # Metadata changes (mkdir, rename, chmod...) become durable within
         # COMMIT_INTERVAL even when no close or fsync comes.
+        ticks = 0
         while True:
             await trio.sleep(COMMIT_INTERVAL)
             try:
                 ops.repo.store.commit_batch()
             except JiaoziError as exc:
                 log.error("group commit failed: %s", exc)
+            ticks += 1
+            if ops.metrics is not None and ticks % 20 == 0:
+                ops.metrics.refresh_lag()
 
     async def fuse_main() -> None:
         await pyfuse3.main(min_tasks=1, max_tasks=16)

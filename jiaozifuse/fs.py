@@ -96,6 +96,8 @@ def handler(fn: Callable) -> Callable:
     """Turn every error into an errno; an unexpected one is logged, never fatal."""
     positions = INODE_ARGS.get(fn.__name__, ())
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: Ops, *args: Any) -> Any:
         if self.root_alias and positions:
@@ -103,20 +105,31 @@ def handler(fn: Callable) -> Callable:
                 self.root_alias if i in positions and a == ROOT else a
                 for i, a in enumerate(args)
             )
+        t0 = time.perf_counter() if self.metrics is not None else 0.0
+        err: int | None = None
         try:
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
             raise
         except JiaoziError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODATA):
-                log.debug("%s%r: %s", fn.__name__, args[:2], exc)
+            err = exc.errno
+            if exc.errno == errno.EIO:
+                log.error("%s%r: %s", name, args[:2], exc)
+            elif exc.errno not in (errno.ENOENT, errno.ENODATA):
+                log.debug("%s%r: %s", name, args[:2], exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
-            log.warning("%s%r: %s", fn.__name__, args[:2], exc)
+            err = exc.errno or errno.EIO
+            log.warning("%s%r: %s", name, args[:2], exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
-            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            err = errno.EIO
+            log.exception("unexpected error in %s%r", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(name, time.perf_counter() - t0, err)
 
     return wrapper
 
@@ -160,6 +173,8 @@ class Ops(pyfuse3.Operations):
         super().__init__()
         #: the inode shown as the mount root (0: the full layout)
         self.root_alias = 0
+        #: a metrics.Metrics when --metrics-addr is given
+        self.metrics: Any = None
         #: when set, close() leaves the commit to the group-commit timer
         self.lazy_close = lazy_close
         self.repo = repo
@@ -698,7 +713,10 @@ class Ops(pyfuse3.Operations):
             of = self.wt.open_files.get(h.ino)
             if of is not None:
                 await self._prefetch(h, of.content, off, size)
-        return self.wt.read(h.ino, off, size)
+        data = self.wt.read(h.ino, off, size)
+        if self.metrics is not None:
+            self.metrics.read_bytes.labels("cache").inc(len(data))
+        return data
 
     async def _prefetch(self, h: Handle, content: FileContent, off: int, size: int) -> None:
         """Bring missing chunks from the remote without blocking other requests.
@@ -712,6 +730,8 @@ class Ops(pyfuse3.Operations):
         want = content.ids_in_range(off, size)
         with self.repo.store.read() as r:
             missing = [c for c in want if not r.has_chunk(c)]
+        if self.metrics is not None:
+            self.metrics.cache_hits.inc(len(want) - len(missing))
         if missing:
             await self.fetcher(missing)
         if sequential and self.nursery is not None and off + size >= h.ahead:

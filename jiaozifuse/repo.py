@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import writeback
+from .chunking import hash_bytes
 from .errors import BadName, Conflict, Corrupt, Exists, JiaoziError, NotFound
 from .events import DEFAULT_MAX_AGE_S, DEFAULT_MAX_EVENTS, EventLog
 from .filecontent import FileContent
@@ -234,8 +235,22 @@ class Repository:
         return self._remote
 
     def _read_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk's bytes, verified against its id; fetched from the remote if missing.
+
+        A cached chunk whose bytes do not match its blake3 id (a flipped bit
+        on disk) is never served: it is dropped and fetched again from the
+        remote, or, without one, the read fails with Corrupt (EIO).
+        """
         with self.store.read() as r:
             data = r.get_chunk(cid)
+        if data is not None and hash_bytes(data) != cid:
+            log.error("chunk %s in the local cache is corrupt; dropping it", cid.hex())
+            with self.store.write() as w:
+                if w.txn.delete(cid, db=w._dbs["chunks"]):
+                    w.add_counter("chunk_bytes", -len(data))
+            data = None
+            if not self.config.get("remote"):
+                raise Corrupt(f"chunk {cid.hex()[:16]} is corrupt and there is no other copy")
         if data is None and self.config.get("remote"):
             got = writeback.fetch_chunks(self.store, self.remote, [cid])
             with self.store.write() as w:

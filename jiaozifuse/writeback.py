@@ -305,6 +305,7 @@ class Writeback:
         self.last_error: str | None = None
         self.sent_bytes = 0
         self.last_checkpoint_ns = 0
+        self.metrics: Any = None
         #: awaited every CHECKPOINT_INTERVAL: queues worktree checkpoints
         self.checkpoint: Callable[[], Any] | None = None
         self._lock: Any = None
@@ -363,6 +364,8 @@ class Writeback:
             with self.store.write() as w:
                 complete(w, b)
             self.sent_bytes += len(b.data)
+            if self.metrics is not None:
+                self.metrics.upload_bytes.inc(len(b.data))
 
         async with trio.open_nursery() as n:
             for b in batches:
@@ -403,6 +406,8 @@ class Writeback:
                     evict(self.store, self.cache_size, self.access)
             except Exception as exc:  # an outage: keep everything queued, retry later
                 self.last_error = str(exc)
+                if self.metrics is not None:
+                    self.metrics.upload_errors.inc()
                 log.warning("upload failed (retrying in %.0f s): %s", backoff, exc)
                 await trio.sleep(backoff)
                 backoff = min(60.0, backoff * 2)

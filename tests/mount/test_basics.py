@@ -164,3 +164,41 @@ def test_mount_twice_is_a_clear_error(mnt) -> None:
     res = jz("mount", str(mnt.repo), str(mnt.mnt), check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert (mnt.main).exists()
+
+
+def test_metrics_endpoint_counts_requests(mount_factory, tmp_path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jz("init", str(tmp_path / "m-repo"))
+    (tmp_path / "m-mnt").mkdir()
+    jz("mount", str(tmp_path / "m-repo"), str(tmp_path / "m-mnt"), "--metrics-addr",
+       f"127.0.0.1:{port}")
+    mnt = tmp_path / "m-mnt"
+    try:
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            out = {}
+            for line in text.decode().splitlines():
+                if line and not line.startswith("#"):
+                    k, _, v = line.rpartition(" ")
+                    out[k] = float(v)
+            return out
+
+        before = scrape()
+        (mnt / "main" / "f").write_bytes(b"x" * 100_000)
+        assert (mnt / "main" / "f").read_bytes() == b"x" * 100_000
+        import time
+
+        time.sleep(1.2)
+        after = scrape()
+        key = 'jiaozifuse_fuse_requests_total{op="write"}'
+        assert after.get(key, 0) > before.get(key, 0)
+        assert after['jiaozifuse_cache_bytes'] >= 100_000
+        assert 'jiaozifuse_upload_queue_entries' in after
+        assert any(k.startswith("jiaozifuse_fuse_request_seconds_bucket") for k in after)
+    finally:
+        jz("umount", str(mnt))
