@@ -605,16 +605,23 @@ def _size(n: float) -> str:
 
 
 @main.command()
+@click.option("--repair", is_flag=True,
+              help="Fix what can be fixed: refetch from the remote, re-queue uploads.")
+@click.option("--remote", "with_remote", is_flag=True,
+              help="Also check that the remote holds what the store says it does.")
 @repo_options
 @json_option
 @click.pass_obj
-def fsck(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+def fsck(obj: Ctx, repair: bool, with_remote: bool, repo_opt: str | None,
+         as_json: bool) -> None:
     """Verify every hash and reference in the store."""
-    r = _ctx(obj, repo_opt).run("fsck")
+    r = _ctx(obj, repo_opt).run("fsck", repair=repair, remote=with_remote)
 
     def human(r: dict) -> None:
         click.echo(f"checked {r['chunks']} chunks, {r['objects']} objects, "
-                   f"{r['commits']} commits, {r['refs']} refs")
+                   f"{r['commits']} commits, {r['refs']} refs, {r['inodes']} inodes")
+        for p in r["repaired"]:
+            click.echo(f"  repaired {p['kind']}: {p['id'][:16]} ({p['detail']})")
         for p in r["problems"]:
             click.echo(f"  {p['kind']}: {p['id'][:16]} ({p['detail']})")
         click.echo("ok" if r["ok"] else f"{len(r['problems'])} problem(s)")
@@ -726,8 +733,28 @@ def _not_yet(name: str, issue: int) -> None:
         raise JiaoziError(f"'{name}' is not available in this version yet")
 
 
-for _name, _issue in (("gc", 7),):
-    _not_yet(_name, _issue)
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted.")
+@click.option("--remote", "with_remote", is_flag=True,
+              help="Also collect the remote (two-step, with a grace period).")
+@repo_options
+@json_option
+@click.pass_obj
+def gc(obj: Ctx, dry_run: bool, with_remote: bool, repo_opt: str | None, as_json: bool) -> None:
+    """Delete what no ref, tag, worktree, open file or retained commit reaches."""
+    r = _ctx(obj, repo_opt).run("gc", dry_run=dry_run, remote=with_remote)
+
+    def human(r: dict) -> None:
+        loc = r["local"]
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(f"local: {verb} {loc['objects_deleted']} objects and "
+                   f"{loc['chunks_deleted']} chunks ({_size(loc['bytes_freed'])})")
+        if "remote" in r:
+            rem = r["remote"]
+            click.echo(f"remote: {len(rem['condemned'])} pack(s) condemned, "
+                       f"{len(rem['deleted'])} deleted (grace {rem['grace_s']:.0f} s)")
+
+    out(r, as_json, human)
 
 
 if __name__ == "__main__":

@@ -196,10 +196,20 @@ def op_stats(repo: Repository) -> dict:
 
 
 @op
-def op_fsck(repo: Repository) -> dict:
+def op_fsck(repo: Repository, repair: bool = False, remote: bool = False) -> dict:
     from .fsck import fsck
 
-    return fsck(repo)
+    return fsck(repo, repair=repair, check_remote=remote)
+
+
+@op
+def op_gc(repo: Repository, dry_run: bool = False, remote: bool = False) -> dict:
+    from . import gc
+
+    out = {"local": gc.collect_local(repo, dry_run)}
+    if remote:
+        out["remote"] = gc.collect_remote(repo, dry_run)
+    return out
 
 
 @op

@@ -216,6 +216,56 @@ def queue_status(store: Store) -> dict[str, Any]:
         }
 
 
+def rescue_condemned(store: Store, remote: Remote) -> list[Batch]:
+    """Re-upload what local refs reach inside packs a remote gc has condemned.
+
+    Called before a ref is pushed (see gc.py): a commit made on a view older
+    than the gc's must not point into a pack that will be deleted.  Blocking
+    (any thread); returns the batches sent, for the caller to :func:`complete`
+    on the store-owning thread.
+    """
+    from .errors import NotFound
+    from .gc import mark
+
+    try:
+        raw, _ = remote.get("gc/condemned.json")
+        condemned = {bytes.fromhex(h) for h in json.loads(raw)}
+    except (NotFound, ValueError):
+        return []
+    if not condemned:
+        return []
+    with store.snapshot() as r:
+        objects, chunks = mark(r)
+        rescue = []
+        for oid, loc in r.prefix("located", b""):
+            if bytes(loc[:32]) in condemned and bytes(oid) in (objects | chunks):
+                rescue.append((bytes(oid), bytes(loc[44:45])))
+    if not rescue:
+        return []
+    sent = []
+    missing = [oid for oid, kind in rescue if kind == b"C"]
+    with store.snapshot() as r:
+        missing = [c for c in missing if r.get_chunk(c) is None]
+    fetched = fetch_chunks(store, remote, missing) if missing else {}
+    for kind in (b"C", b"O"):
+        b = Batch(kind="pack" if kind == b"C" else "opack")
+        with store.snapshot() as r:
+            for oid, k in rescue:
+                if k != kind:
+                    continue
+                data = fetched.get(oid) or (r.get_chunk(oid) if kind == b"C"
+                                            else r.get_object(oid))
+                if data is None:
+                    continue
+                b.entries.append((kind, oid, len(b.data), len(data)))
+                b.data += data
+        if b.entries:
+            b.pack_id = hash_bytes(b.data)
+            send(remote, b, {})
+            sent.append(b)
+    return sent
+
+
 class RefConflict(Conflict):
     def __init__(self, ref: str, local: bytes | None, remote: bytes | None) -> None:
         super().__init__(
@@ -261,6 +311,9 @@ def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes
                 continue
             if batches[0].kind == "ref":
                 b = batches[0]
+                for rb in rescue_condemned(store, remote):
+                    with store.write() as w:
+                        complete(w, rb)
                 with store.read() as r:
                     etags = remote_etags(r)
                 try:
@@ -339,6 +392,9 @@ class Writeback:
             return True
         if batches[0].kind == "ref":
             b = batches[0]
+            for rb in await trio.to_thread.run_sync(rescue_condemned, self.store, remote):
+                with self.store.write() as w:
+                    complete(w, rb)
             with self.store.read() as r:
                 etags = remote_etags(r)
             try:

@@ -1,0 +1,275 @@
+"""Garbage collection: reclaim what nothing reaches, never what something might.
+
+Roots (what is kept):
+
+* every branch, tag and ``remote/*`` ref, with their history — except that a
+  branch may set a retention policy in config.json (``gc.retain``:
+  ``{"main": {"max_count": 100, "max_age_days": 90}}``): commits past it are
+  dropped from that branch's history (tags and other branches still keep
+  theirs);
+* every worktree inode (uncommitted files and directories of every branch,
+  unlinked-but-open files included), and in the daemon every open file's
+  in-memory chunk list;
+* every worktree checkpoint this cache queued, and, for the remote, every
+  checkpoint any cache wrote.
+
+Local collection runs in one write transaction (the daemon runs it on its own
+thread), so nothing can be created between marking and sweeping.
+
+Remote collection must cope with other machines writing to the same bucket
+while it runs, and with deduplication: another machine may commit a new
+version that reuses a chunk in a pack that looks unreachable to us.  So a
+pack is deleted in two steps, a grace period apart (``gc.grace_s``, default
+24 hours):
+
+1. a pack that no root reaches, and that is older than the grace period
+   (so that packs uploaded just before their ref are never considered), is
+   *condemned*: listed with the time in ``gc/condemned.json``;
+2. a later ``gc`` deletes a condemned pack only if it is still unreachable
+   after fetching every ref and checkpoint again, and was condemned at least
+   the grace period ago.
+
+A writer, before it pushes a ref, reads ``gc/condemned.json`` and re-uploads
+into a fresh pack any chunk its new commits need from a condemned pack
+(writeback.py), so a commit made on a stale view cannot point into a pack
+about to be deleted — unless the writer takes longer than the grace period
+between that check and its ref update, which a 24-hour grace makes moot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from .chunking import ZERO_ID
+from .errors import Corrupt, NotFound
+from .objects import decode_commit, decode_manifest, decode_tree
+from .store import Txn
+from .worktree import Inode
+
+log = logging.getLogger("jiaozifuse.gc")
+
+DEFAULT_GRACE_S = 24 * 3600
+
+
+def _retained_commits(t: Txn, head: bytes, policy: dict | None) -> list[bytes]:
+    """Commits of one ref's history that its retention policy keeps."""
+    max_count = (policy or {}).get("max_count")
+    max_age = (policy or {}).get("max_age_days")
+    horizon = time.time_ns() - int(max_age * 86400e9) if max_age else None
+    out = []
+    todo = [head]
+    seen = set()
+    while todo:
+        cid = todo.pop(0)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        raw = t.get_object(cid)
+        if raw is None:
+            continue  # history cut by an earlier retention, or not fetched
+        c = decode_commit(raw)
+        if out and ((max_count is not None and len(out) >= max_count) or (
+                horizon is not None and c.time_ns < horizon)):
+            continue
+        out.append(cid)
+        todo.extend(c.parents)
+    return out
+
+
+def mark(t: Txn, retain: dict[str, dict] | None = None,
+         extra_roots: list[bytes] = (), extra_chunks: set[bytes] | None = None
+         ) -> tuple[set[bytes], set[bytes]]:
+    """Return (reachable object ids, reachable chunk ids)."""
+    objects: set[bytes] = set()
+    chunks: set[bytes] = set(extra_chunks or ())
+    trees: list[bytes] = list(extra_roots)
+    manifests: list[bytes] = []
+    for k, v in t.prefix("refs", b""):
+        key = bytes(k)
+        if key.startswith(b"wt/"):
+            continue
+        policy = None
+        if key.startswith(b"branch/"):
+            policy = (retain or {}).get(key[7:].decode())
+        for cid in _retained_commits(t, bytes(v), policy):
+            objects.add(cid)
+            trees.append(decode_commit(t.get_object(cid)).tree)
+    for k, v in t.prefix("inodes", b""):
+        node = Inode.decode(int.from_bytes(k, "big"), v)
+        if node.ref is None:
+            continue
+        if node.is_dir:
+            trees.append(node.ref)
+        elif node.is_file:
+            manifests.append(node.ref)
+    for _, v in t.prefix("meta", b"ckpt/"):
+        trees.append(bytes(v[:32]))
+    while trees or manifests:
+        if trees:
+            tid = trees.pop()
+            if tid in objects:
+                continue
+            raw = t.get_object(tid)
+            if raw is None:
+                continue
+            objects.add(tid)
+            for e in decode_tree(raw).entries:
+                if e.is_dir:
+                    trees.append(e.ref)
+                elif e.is_file:
+                    manifests.append(e.ref)
+        else:
+            mid = manifests.pop()
+            if mid in objects:
+                continue
+            raw = t.get_object(mid)
+            if raw is None:
+                continue
+            objects.add(mid)
+            level, entries = decode_manifest(raw)
+            for eid, _ in entries:
+                if level == 0:
+                    if eid != ZERO_ID:
+                        chunks.add(eid)
+                else:
+                    manifests.append(eid)
+    return objects, chunks
+
+
+def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
+    """Delete unreachable local objects and chunks (one write transaction)."""
+    retain = (repo.config.get("gc") or {}).get("retain")
+    open_chunks: set[bytes] = set()
+    for of in repo.worktree.open_files.values():
+        for seg in of.content.segs:
+            if seg.entries is not None:
+                open_chunks.update(cid for cid, _ in seg.entries)
+            elif seg.oid is not None:
+                open_chunks.add(seg.oid)  # a manifest: kept with what it names below
+    repo.worktree.flush_all()
+    report = {"objects_deleted": 0, "chunks_deleted": 0, "bytes_freed": 0, "dry_run": dry_run}
+    with repo.store.write() as w:
+        manifest_roots = [c for c in open_chunks if w.get_object(c) is not None]
+        objects, chunks = mark(w, retain, extra_chunks=open_chunks)
+        # manifests of open files (unchanged segments) and what they name
+        for mid in manifest_roots:
+            raw = w.get_object(mid)
+            objects.add(mid)
+            for eid, _ in decode_manifest(raw)[1]:
+                chunks.add(eid)
+        dead_objects = [bytes(k) for k, _ in w.prefix("objects", b"") if bytes(k) not in objects]
+        dead_chunks = []
+        cur = w.cursor("chunks")
+        for k in cur.iternext(keys=True, values=False):
+            if bytes(k) not in chunks:
+                dead_chunks.append(bytes(k))
+        report["objects_deleted"] = len(dead_objects)
+        report["chunks_deleted"] = len(dead_chunks)
+        freed = 0
+        for cid in dead_chunks:
+            data = w.get_chunk(cid)
+            freed += len(data or b"")
+        report["bytes_freed"] = freed
+        if dry_run:
+            w.txn.abort()
+            return report
+        dead = set(dead_objects) | set(dead_chunks)
+        for oid in dead_objects:
+            w.txn.delete(oid, db=w._dbs["objects"])
+        for cid in dead_chunks:
+            w.txn.delete(cid, db=w._dbs["chunks"])
+            w.delete("access", cid)
+        w.add_counter("chunk_bytes", -freed)
+        # what is dead needs no upload
+        for k, v in list(w.prefix("upload", b"")):
+            if v[:1] in (b"C", b"O") and bytes(v[1:33]) in dead:
+                w.txn.delete(bytes(k), db=w._dbs["upload"])
+    return report
+
+
+def collect_remote(repo: Any, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
+    """Condemn unreachable old packs, delete packs condemned a grace period ago."""
+    now = time.time() if now is None else now
+    grace = float((repo.config.get("gc") or {}).get("grace_s", DEFAULT_GRACE_S))
+    remote = repo.remote
+    repo.fetch()
+    roots = []
+    for key in remote.list("worktrees/"):
+        try:
+            data, _ = remote.get(key)
+            roots.append(bytes.fromhex(json.loads(data)["tree"]))
+        except (NotFound, ValueError, KeyError):
+            continue
+    with repo.store.read() as r:
+        objects, chunks = mark(r, None, extra_roots=roots)
+        reachable = objects | chunks
+        packs: dict[bytes, bool] = {}
+        for oid, raw in r.prefix("located", b""):
+            pid = bytes(raw[:32])
+            packs[pid] = packs.get(pid, False) or bytes(oid) in reachable
+    ages: dict[str, float] = {}
+    for item in _list_with_times(remote, "packs/"):
+        ages[item[0]] = item[1]
+    try:
+        raw, etag = remote.get("gc/condemned.json")
+        condemned: dict[str, float] = json.loads(raw)
+    except NotFound:
+        condemned, etag = {}, None
+    except ValueError:
+        raise Corrupt("gc/condemned.json in the remote is corrupt") from None
+    deleted, newly = [], []
+    for pid, live in packs.items():
+        hexid = pid.hex()
+        keys = [k for k in (f"packs/{hexid}.pack", f"packs/{hexid}.idx",
+                            f"packs/{hexid}.opack") if k in ages]
+        if live or not keys:
+            condemned.pop(hexid, None)
+            continue
+        if min(ages[k] for k in keys) > now - grace:
+            continue  # too young: its ref may not be written yet
+        if hexid in condemned:
+            if condemned[hexid] <= now - grace:
+                deleted.append((hexid, keys))
+        else:
+            condemned[hexid] = now
+            newly.append(hexid)
+    report = {"condemned": newly, "deleted": [h for h, _ in deleted], "dry_run": dry_run,
+              "grace_s": grace}
+    if dry_run:
+        return report
+    for hexid, keys in deleted:
+        for k in keys:
+            remote.delete(k)
+        condemned.pop(hexid, None)
+        with repo.store.write() as w:
+            pid = bytes.fromhex(hexid)
+            for oid, raw in list(w.prefix("located", b"")):
+                if bytes(raw[:32]) == pid:
+                    w.delete("located", bytes(oid))
+            w.delete("meta", b"pack/" + pid)
+    body = json.dumps(condemned).encode()
+    if etag is None:
+        remote.put("gc/condemned.json", body)
+    else:
+        remote.put("gc/condemned.json", body, IfMatch=etag)
+    return report
+
+
+def _list_with_times(remote: Any, prefix: str) -> list[tuple[str, float]]:
+    """(key, last-modified unix time) under *prefix*."""
+    full = remote.url.key(prefix)
+    strip = len(remote.url.key("")) + 1 if remote.url.prefix else 0
+    out = []
+    token = None
+    while True:
+        kw: dict[str, Any] = {"Bucket": remote.url.bucket, "Prefix": full}
+        if token:
+            kw["ContinuationToken"] = token
+        r = remote._call(f"LIST {prefix}", remote.s3.list_objects_v2, **kw)
+        out += [(o["Key"][strip:], o["LastModified"].timestamp()) for o in r.get("Contents", [])]
+        if not r.get("IsTruncated"):
+            return out
+        token = r.get("NextContinuationToken")
