@@ -754,6 +754,7 @@ class _RestoreState:
     metas: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     packs: set[bytes] = field(default_factory=set)
     meta_roots: dict[bytes, str] = field(default_factory=dict)
+    headers: list[tuple[str, list[bytes]]] = field(default_factory=list)
     blocks: int = 0
     chunks: int = 0
     objects: int = 0
@@ -823,6 +824,7 @@ def _restore_car(repo: Repository, path: Path, want: tuple[str, str] | None,
         assert isinstance(roots, list)
         if len(roots) == 2:
             st.meta_roots.setdefault(roots[1], path.name)
+            st.headers.append((path.name, roots))
         for blk in blocks:
             assert not isinstance(blk, list)
             st.blocks += 1
@@ -894,6 +896,11 @@ def _restore_refs(repo: Repository, st: _RestoreState, verified: list[dict[str, 
                 "is missing: that run's last CAR is not among the CARs given")
     if not st.metas:
         raise CarError("no jiaozifuse archive metadata in these CARs")
+    for car, (root, meta) in st.headers:
+        want = st.metas[meta].get("root")
+        if not isinstance(want, cbor2.CBORTag) or _unlink(want) != root:
+            raise CarError(f"{car}: its header's root {cid_str(root)} is not its archive "
+                           "run's root directory (corrupt header)")
     metas = sorted((_meta_fields(c, d) for c, d in st.metas.items()),
                    key=lambda m: (m["run"], m["time_ns"]))
     for m in metas:

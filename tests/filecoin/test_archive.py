@@ -351,3 +351,19 @@ def test_car_roots_and_meta(archived: tuple[Path, Sample]) -> None:
     assert doc["t"] == "jiaozifuse/archive" and doc["refs"] == {"branch/main": s.head}
     assert doc["default_branch"] == "main" and doc["previous"] is None
     assert commp_file(cars[0]).cid_v1 == cars[0].stem
+
+
+def test_restore_corrupt_header_without_names(archived: tuple[Path, Sample],
+                                              tmp_path: Path) -> None:
+    """CARs known by no piece CID (renamed, no manifest) still refuse a damaged header."""
+    cars = _copy(archived[0], tmp_path / "cars")
+    (cars / arc.MANIFEST_CSV).unlink()
+    for i, c in enumerate(_cars(cars)):
+        c.rename(cars / f"part{i}.car")
+    victim = cars / "part0.car"
+    raw = bytearray(victim.read_bytes())
+    raw[30] ^= 0x04  # inside the first root CID of the header
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(CarError, match=r"part0\.car: its header's root"):
+        arc.restore(cars, tmp_path / "new")
+    _assert_nothing_restored(tmp_path)
