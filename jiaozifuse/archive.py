@@ -50,7 +50,9 @@ only when everything verified.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -60,7 +62,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,6 +535,26 @@ def archive(repo: Repository, ref: str, out: str | Path | Onramp,
         limit = max_payload(target_size)
     except ValueError as exc:
         raise JiaoziError(f"target size {target_size}: {exc}") from None
+    with _run_lock(repo):
+        return _archive(repo, ref, onramp, limit, progress)
+
+
+@contextlib.contextmanager
+def _run_lock(repo: Repository) -> Iterator[None]:
+    """One archive run at a time per repository (run numbers, piece records)."""
+    run_dir = repo.path / "run"
+    run_dir.mkdir(exist_ok=True)
+    with open(run_dir / "archive.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JiaoziError("another archive run is in progress on this repository"
+                              ) from None
+        yield
+
+
+def _archive(repo: Repository, ref: str, onramp: Onramp, limit: int,
+             progress: Callable[[int], None] | None) -> dict[str, Any]:
     head = repo.resolve(ref)
     ref_key = _ref_key(repo, ref)
     onramp.check()
@@ -583,7 +605,6 @@ def archive(repo: Repository, ref: str, out: str | Path | Onramp,
         raise
 
     # Record: one transaction per piece (its blocks with it), then the run.
-    serials: list[int] = []
     for car, p in zip(splitter.cars, pieces, strict=True):
         with repo.store.write() as w:
             serial = w.add_counter("archive_piece", 1)
@@ -594,7 +615,6 @@ def archive(repo: Repository, ref: str, out: str | Path | Onramp,
                 w.put("meta", K_BLOCK + cid, _be(serial))
             for oid in car.objects:
                 w.put("meta", K_OBJ + oid, _be(serial))
-        serials.append(serial)
     with repo.store.write() as w:
         for cid_, sha in packer.new_shas.items():
             w.put("meta", K_SHA + cid_, sha)
