@@ -391,11 +391,20 @@ def _cache_dirs() -> list[Path]:
     return [Path(base) / "jiaozifuse", Path(tempfile.gettempdir()) / f"jiaozifuse-{os.getuid()}"]
 
 
+def _safe_dir(d: Path) -> bool:
+    """Ours and writable by nobody else: a shared temp directory could hold a planted .so."""
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = d.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _compile(target: Path) -> bool:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, src = tempfile.mkstemp(suffix=".c", dir=target.parent)
     tmp = f"{src}.so"
     try:
@@ -431,7 +440,11 @@ def _native() -> ctypes.CDLL | None:
         for d in _cache_dirs():
             so = d / f"commp-{tag}.so"
             try:
+                if not _safe_dir(d):
+                    continue
                 if not so.exists() and not _compile(so):
+                    continue
+                if so.stat().st_uid != os.getuid():
                     continue
                 lib = ctypes.CDLL(str(so))
             except OSError as exc:
