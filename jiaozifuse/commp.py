@@ -416,6 +416,9 @@ def _compile(target: Path) -> bool:
             log.warning("cannot compile the CommP helper: %s", res.stderr.strip()[-500:])
             return False
         os.replace(tmp, target)  # atomic: concurrent builders do not clash
+        for old in target.parent.glob("commp-*.so"):  # builds of earlier versions
+            if old != target:
+                old.unlink(missing_ok=True)
         return True
     finally:
         for p in (src, tmp):
