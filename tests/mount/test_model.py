@@ -410,6 +410,7 @@ def model_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Mount
         teardown(box[0])
 
 
+@pytest.mark.timeout(900)  # about 1-2 minutes; more on a loaded 2-core machine
 def test_branch_behaves_like_a_local_directory(model_mount: list[Mount], tmp_path: Path) -> None:
     local = tmp_path / "model"
     local.mkdir()
