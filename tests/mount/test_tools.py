@@ -208,6 +208,28 @@ def test_tar_from_mount_is_byte_identical(src: Path, branch: Path, tmp_path: Pat
     run("tar", "-C", branch, "-df", tmp_path / "src.tar")
 
 
+def test_tools_carry_user_xattrs(branch: Path, tmp_path: Path) -> None:
+    """tar --xattrs, rsync -X and cp --preserve=all keep user.* attributes."""
+    src = tmp_path / "xs"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("f")
+    os.setxattr(src / "d" / "f", "user.tag", b"hello")
+    os.setxattr(src / "d", "user.dirtag", b"\x00\xffbin")
+    run("tar", "--xattrs", "--xattrs-include=user.*", "-C", tmp_path, "-cf",
+        tmp_path / "xs.tar", "xs")
+    (branch / "t").mkdir()
+    run("tar", "--xattrs", "--xattrs-include=user.*", "-C", branch / "t", "-xf",
+        tmp_path / "xs.tar")
+    run("rsync", "-aX", f"{src}/", f"{branch}/r/")
+    run("cp", "-a", "--preserve=all", src, branch / "c")
+    for d in (branch / "t" / "xs", branch / "r", branch / "c"):
+        assert os.getxattr(d / "d" / "f", "user.tag") == b"hello", d
+        assert os.getxattr(d / "d", "user.dirtag") == b"\x00\xffbin", d
+    # and back out of the mount
+    run("rsync", "-aX", f"{branch}/r/", f"{tmp_path}/back/")
+    assert os.getxattr(tmp_path / "back" / "d" / "f", "user.tag") == b"hello"
+
+
 # ----------------------------------------------------------------------- git
 
 
