@@ -15,6 +15,7 @@ One mount serves the whole run; the branch is emptied between examples.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -79,11 +80,19 @@ def _digest(p: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def mtime(s: os.stat_result) -> int | str:
+    return s.st_mtime_ns if s.st_mtime_ns < 1_000_000_000 * 10**9 else "now"
+
+
 def walk(root: Path, snapshot: bool = False) -> dict[str, tuple]:
     """Everything comparable about a tree, keyed by relative path.
 
     For a commit snapshot: write bits are dropped (snapshots are read-only),
     and link counts are left out (a snapshot holds no hard links).
+
+    Modification times are compared too, through :func:`mtime`: a time set by
+    the ``utime`` rule (always before 2001) must stay exactly as set until an
+    operation that POSIX says updates it; any later time counts as "now".
     """
     out: dict[str, tuple] = {}
     inodes: dict[int, list[str]] = {}
@@ -96,7 +105,7 @@ def walk(root: Path, snapshot: bool = False) -> dict[str, tuple]:
             mode = stat.S_IMODE(s.st_mode) & (~0o222 if snapshot else 0o7777)
             kind = stat.S_IFMT(s.st_mode)
             if stat.S_ISDIR(kind):
-                row: tuple = ("dir", oct(mode))
+                row: tuple = ("dir", oct(mode), mtime(s))
                 if not snapshot:
                     row += (s.st_nlink,)
                 out[r] = row
@@ -104,7 +113,7 @@ def walk(root: Path, snapshot: bool = False) -> dict[str, tuple]:
             elif stat.S_ISLNK(kind):
                 out[r] = ("link", os.readlink(p))
             elif stat.S_ISREG(kind):
-                row = ("file", oct(mode), s.st_size, _digest(p))
+                row = ("file", oct(mode), s.st_size, _digest(p), mtime(s))
                 if not snapshot:
                     row += (s.st_nlink,)
                     inodes.setdefault(s.st_ino, []).append(r)
@@ -137,6 +146,13 @@ def diff(a: dict, b: dict) -> str:
     keys = sorted(a.keys() | b.keys())
     return "\n".join(f"  {k}: model={a.get(k)} mount={b.get(k)}" for k in keys
                      if a.get(k) != b.get(k))
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def clear(root: Path) -> None:
@@ -277,6 +293,18 @@ class FsModel(RuleBasedStateMachine):
     def chmod(self, p: int, mode: int) -> None:
         p = self.existing(p)
         self.both(lambda b: os.chmod(b / p, mode))
+
+    @rule(p=paths, t=st.integers(1, 900_000_000))
+    def utime(self, p: int, t: int) -> None:
+        p = self.existing(p)
+        ns = t * 1_000_000_000 + t % 1_000_000_000
+        self.both(lambda b: os.utime(b / p, ns=(ns, ns)))
+
+    @rule(src=paths, dst=paths)
+    def rename_noreplace(self, src: int, dst: int) -> None:
+        src = self.existing(src)
+        dst = self.fresh(dst) if dst % 2 else self.existing(dst)
+        self.both(lambda b: renameat2(b / src, b / dst, 1))
 
     @rule(p=paths)
     def listdir(self, p: int) -> None:
