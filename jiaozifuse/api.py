@@ -56,6 +56,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
 import posixpath
 import stat
@@ -83,6 +84,8 @@ __all__ = [
     "PathNotFound",
     "Repo",
     "SnapshotFile",
+    "find_mount",
+    "mounts",
     "open",
 ]
 
@@ -845,8 +848,6 @@ def mounts(repo: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
             lines = f.read().splitlines()
     except OSError:
         return out
-    import json
-
     for line in lines:
         fields = line.split()
         if len(fields) < 3 or not fields[2].startswith("fuse.jiaozifuse"):
