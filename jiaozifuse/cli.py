@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from . import __version__, control, ops
+from . import __version__, cli_archive, control, ops
 from .errors import JiaoziError
 from .repo import Repository, find_repo
 
@@ -756,6 +756,8 @@ def gc(obj: Ctx, dry_run: bool, with_remote: bool, repo_opt: str | None, as_json
 
     out(r, as_json, human)
 
+
+cli_archive.register(main)
 
 if __name__ == "__main__":
     main()

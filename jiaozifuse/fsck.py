@@ -16,7 +16,13 @@ from typing import Any
 
 from .chunking import ZERO_ID, hash_bytes
 from .errors import Corrupt, JiaoziError
-from .objects import decode_commit, decode_manifest, decode_tree, object_id
+from .objects import (
+    EMPTY_MANIFEST_ID,
+    decode_commit,
+    decode_manifest,
+    decode_tree,
+    object_id,
+)
 from .repo import Repository
 from .worktree import Inode
 
@@ -78,7 +84,7 @@ def fsck(repo: Repository, repair: bool = False, check_remote: bool = False,
         return data
 
     def check_manifest(mid: bytes, what: str) -> None:
-        if mid in seen:
+        if mid in seen or mid == EMPTY_MANIFEST_ID:  # the empty file needs no object
             return
         seen.add(mid)
         data = need(mid, what, b"M")

@@ -174,8 +174,7 @@ def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
             freed += len(data or b"")
         report["bytes_freed"] = freed
         if dry_run:
-            w.txn.abort()
-            return report
+            return report  # nothing was written: the transaction commits empty
         dead = set(dead_objects) | set(dead_chunks)
         for oid in dead_objects:
             w.txn.delete(oid, db=w._dbs["objects"])

@@ -274,3 +274,8 @@ def run(repo: Repository, name: str, args: dict[str, Any]) -> Any:
         return fn(repo, **args)
     except TypeError as exc:
         raise JiaoziError(f"bad arguments for {name}: {exc}") from None
+
+
+from .archive import OPS as ARCHIVE_OPS  # noqa: E402 (the archive ops use the table above)
+
+OPS.update(ARCHIVE_OPS)

@@ -528,7 +528,10 @@ class Repository:
                 cid = todo.popleft()
                 if cid in seen:
                     continue
-                c = decode_commit(self._object(r, cid))
+                raw = r.get_object(cid)
+                if raw is None:  # history cut by gc retention
+                    continue
+                c = decode_commit(raw)
                 seen[cid] = c
                 todo.extend(c.parents)
         return sorted(seen, key=lambda k: seen[k].time_ns, reverse=True)
@@ -644,9 +647,20 @@ class Repository:
         n = 0
         with self.store.read() as r:
             commits: dict[bytes, Commit] = {}
+
+            def load(k: bytes) -> Commit | None:
+                if k not in commits:
+                    raw = r.get_object(k)
+                    if raw is None:  # history cut by gc retention (a shallow boundary)
+                        return None
+                    commits[k] = decode_commit(raw)
+                return commits[k]
+
             while heap:
-                heap.sort(key=lambda k: commits.setdefault(
-                    k, decode_commit(self._object(r, k))).time_ns)
+                heap = [k for k in heap if load(k) is not None]
+                if not heap:
+                    break
+                heap.sort(key=lambda k: commits[k].time_ns)
                 cid = heap.pop()
                 if cid in seen:
                     continue
@@ -674,7 +688,9 @@ class Repository:
                 if c in seen:
                     continue
                 seen.add(c)
-                todo.extend(decode_commit(self._object(r, c)).parents)
+                raw = r.get_object(c)
+                if raw is not None:  # else: history cut by retention
+                    todo.extend(decode_commit(raw).parents)
         return seen
 
     def merge_base(self, a: bytes, b: bytes) -> bytes | None:
@@ -689,7 +705,9 @@ class Repository:
                 if c in seen:
                     continue
                 seen.add(c)
-                todo.extend(decode_commit(self._object(r, c)).parents)
+                raw = r.get_object(c)
+                if raw is not None:
+                    todo.extend(decode_commit(raw).parents)
         return None
 
     # ------------------------------------------------------------------ trees

@@ -16,6 +16,7 @@ JZ_REPO="${JZ_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 JZ_VENV="${JIAOZIFUSE_VENV:-$JZ_REPO/.venv}"
 JZ_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config sqlite3 rsync git build-essential python3-venv
     redis-server attr)
+command -v npm >/dev/null 2>&1 || JZ_DEB_PACKAGES+=(nodejs npm)  # tests/filecoin cross-checks
 
 jz_log() {
     echo "[jz] $*" >&2
