@@ -332,3 +332,9 @@ con.close()
                           "SELECT w, count(*), max(n) FROM t GROUP BY w;"],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ok", "0|100|99", "1|100|99", "2|100|99"]
+
+
+def test_daemon_logged_no_unexpected_errors(shared: Mount) -> None:
+    """Runs last: nothing above made a handler fail unexpectedly (an EIO and a traceback)."""
+    log = (shared.repo / "run" / "daemon.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-5000:]

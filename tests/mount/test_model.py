@@ -455,3 +455,6 @@ def test_branch_behaves_like_a_local_directory(model_mount: list[Mount], tmp_pat
     model_mount[0] = model_mount[0].remount()
     got = walk(model_mount[0].main)
     assert got == want, f"after a remount:\n{diff(want, got)}"
+    # no handler failed unexpectedly (which would be an EIO and a traceback)
+    log = (model_mount[0].repo / "run" / "daemon.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-5000:]

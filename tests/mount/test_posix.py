@@ -1024,3 +1024,9 @@ def test_mount_over_missing_directory(tmp_path: Path) -> None:
     res = jz("mount", str(tmp_path / "r"), str(tmp_path / "file"), check=False)
     assert res.returncode == 1 and "not a directory" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_daemon_logged_no_unexpected_errors(shared: Shared) -> None:
+    """Runs last: nothing above made a handler fail unexpectedly (an EIO and a traceback)."""
+    log = (shared.base / "repo" / "run" / "daemon.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-5000:]

@@ -549,3 +549,9 @@ def test_shell_redirections_and_coreutils(branch: Path, tmp_path: Path) -> None:
     assert_same_tree(tmp_path, branch, mtime=False)
     for rel in ("a/b/c/stamp", "nums"):
         assert os.stat(branch / rel).st_mtime_ns == os.stat(tmp_path / rel).st_mtime_ns
+
+
+def test_daemon_logged_no_unexpected_errors(shared: Mount) -> None:
+    """Runs last: nothing above made a handler fail unexpectedly (an EIO and a traceback)."""
+    log = (shared.repo / "run" / "daemon.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-5000:]
