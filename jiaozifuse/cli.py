@@ -433,6 +433,7 @@ def branch() -> None:
 @click.pass_obj
 def branch_create(obj: Ctx, name: str, from_ref: str | None, repo_opt: str | None,
                   as_json: bool) -> None:
+    """Create branch NAME (constant time: no data is copied)."""
     r = _ctx(obj, repo_opt).run("branch_create", name=name, from_ref=from_ref)
     out(r, as_json, lambda r: click.echo(f"Created branch {name} at {r['head'][:12]}"))
 
@@ -442,6 +443,7 @@ def branch_create(obj: Ctx, name: str, from_ref: str | None, repo_opt: str | Non
 @json_option
 @click.pass_obj
 def branch_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """List branches and their heads (* marks the default branch)."""
     rows = _ctx(obj, repo_opt).run("branch_list")
     out(rows, as_json, lambda rows: [
         click.echo(f"{'*' if r['default'] else ' '} {r['name']:<30} {r['head'][:12]}")
@@ -453,6 +455,7 @@ def branch_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
 @repo_options
 @click.pass_obj
 def branch_delete(obj: Ctx, name: str, repo_opt: str | None) -> None:
+    """Delete branch NAME and its uncommitted changes (not the default branch)."""
     _ctx(obj, repo_opt).run("branch_delete", name=name)
     click.echo(f"Deleted branch {name}")
 
@@ -470,6 +473,7 @@ def tag() -> None:
 @click.pass_obj
 def tag_create(obj: Ctx, name: str, ref: str | None, repo_opt: str | None,
                as_json: bool) -> None:
+    """Tag REF (default: the default branch's head) as NAME."""
     r = _ctx(obj, repo_opt).run("tag_create", name=name, ref=ref)
     out(r, as_json, lambda r: click.echo(f"Tagged {r['commit'][:12]} as {name}"))
 
@@ -479,6 +483,7 @@ def tag_create(obj: Ctx, name: str, ref: str | None, repo_opt: str | None,
 @json_option
 @click.pass_obj
 def tag_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
+    """List tags and the commits they name."""
     rows = _ctx(obj, repo_opt).run("tag_list")
     out(rows, as_json, lambda rows: [click.echo(f"{r['name']:<30} {r['commit'][:12]}")
                                      for r in rows])
@@ -489,6 +494,7 @@ def tag_list(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
 @repo_options
 @click.pass_obj
 def tag_delete(obj: Ctx, name: str, repo_opt: str | None) -> None:
+    """Delete tag NAME (the commit stays while something else reaches it)."""
     _ctx(obj, repo_opt).run("tag_delete", name=name)
     click.echo(f"Deleted tag {name}")
 

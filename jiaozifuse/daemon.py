@@ -125,11 +125,14 @@ def stop(mnt: Path, lazy: bool = False, timeout: float = 60.0) -> None:
         info = json.loads((mnt / ".jiaozifuse-mount").read_text())
     pid = info.get("pid")
     repo = info.get("repo")
+    deadline = time.monotonic() + timeout
+    asked = False
     if repo:
         with contextlib.suppress(FileNotFoundError, OSError, JiaoziError):
             control.call(Path(repo), "shutdown", {}, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while _mounted(mnt) and time.monotonic() < deadline:
+            asked = True
+    # Wait for the daemon only if it was reached; a dead one leaves a stale mount.
+    while asked and _mounted(mnt) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _mounted(mnt):
         cmd = ["fusermount3", "-uz" if lazy else "-u", str(mnt)]

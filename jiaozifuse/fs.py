@@ -898,7 +898,12 @@ class Ops(pyfuse3.Operations):
             return out
         if ino < 1024:
             return {}
-        return dict(self.wt.getattr(ino).xattrs)
+        out = dict(self.wt.getattr(ino).xattrs)
+        branch = self.repo.branch_of_root(ino)
+        if branch is not None:  # the branch root: which branch, and its head right now
+            out[b"user.jiaozi.branch"] = branch.encode()
+            out[b"user.jiaozi.head"] = self.repo.head(branch).hex().encode()
+        return out
 
     @handler
     async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:

@@ -234,6 +234,12 @@ def op_events(repo: Repository, since: int = 0, limit: int = 1000) -> dict:
 
 
 @op
+def op_events_ack(repo: Repository, consumer: str, seq: int) -> dict:
+    repo.events.ack(consumer, seq)
+    return {"consumer": consumer, "offset": repo.events.offset(consumer)}
+
+
+@op
 def op_triggers_status(repo: Repository, limit: int = 50) -> dict:
     from . import triggers
 
