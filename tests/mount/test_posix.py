@@ -11,6 +11,7 @@ function-scoped ``mnt`` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -731,6 +732,51 @@ def test_mmap_shared_between_fds(pair: tuple[Path, Path]) -> None:
         return r, mapped, os.stat(b / "ms").st_size
 
     assert same(pair, fn) == ("ok", (b"abcd", b"WXYZ", 8192))
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_fsync_is_durable_across_a_daemon_crash(mnt: Mount) -> None:
+    """What sqlite, git and atomic savers rely on: fsync'd data survives a kill -9."""
+    import signal
+
+    m = mnt.main
+    fd = os.open(m / "synced", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"durable" * 1000)
+    os.fsync(fd)
+    os.close(fd)
+    (m / "doc").write_text("old")
+    _fsync_dir(m)
+    fd = os.open(m / "doc.tmp", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"new")
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(m / "doc.tmp", m / "doc")
+    _fsync_dir(m)
+    os.mkdir(m / "newdir")
+    os.link(m / "synced", m / "newdir" / "link")
+    os.chmod(m / "synced", 0o600)
+    _fsync_dir(m / "newdir")
+    _fsync_dir(m)
+    still_open = os.open(m / "open", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(still_open, b"A" * 100_000)
+    os.fsync(still_open)
+    os.kill(mnt.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.close(still_open)
+    m2 = mnt.remount()
+    assert (m2.main / "synced").read_bytes() == b"durable" * 1000
+    assert (m2.main / "doc").read_text() == "new"
+    assert not (m2.main / "doc.tmp").exists()
+    assert os.stat(m2.main / "newdir" / "link").st_nlink == 2
+    assert stat.S_IMODE(os.stat(m2.main / "synced").st_mode) == 0o600
+    assert (m2.main / "open").read_bytes() == b"A" * 100_000
 
 
 # ------------------------------------------------------------------- locks
