@@ -78,6 +78,15 @@ def _check_mountpoint(mnt: Path) -> None:
     if not _stat.S_ISDIR(st.st_mode):
         raise JiaoziError(f"mount point {mnt} is not a directory", errno.ENOTDIR)
     if _mounted(mnt):
+        # A killed daemon leaves its mount behind; the kernel may still answer
+        # stat() from its caches, but statfs always asks the daemon.
+        try:
+            os.statvfs(mnt)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+                if not _mounted(mnt):
+                    return
         raise JiaoziError(f"{mnt} is already a mount point", errno.EBUSY)
 
 
