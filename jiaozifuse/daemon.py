@@ -266,12 +266,30 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         )
         wb.metrics = ops.metrics
         fetch_limit = trio.CapacityLimiter(8)
+        inflight: dict[bytes, trio.Event] = {}
 
         async def fetcher(ids: list[bytes]) -> None:
-            got = await trio.to_thread.run_sync(
-                writeback.fetch_chunks, repo.store, repo.remote, ids, limiter=fetch_limit)
-            with repo.store.write() as w:
-                writeback.store_fetched(w, got)
+            """Fetch chunks; a chunk already being fetched is waited for, not fetched twice."""
+            mine = [c for c in dict.fromkeys(ids) if c not in inflight]
+            waits = [inflight[c] for c in dict.fromkeys(ids) if c in inflight]
+            done = trio.Event()
+            for c in mine:
+                inflight[c] = done
+            got: dict[bytes, bytes] = {}
+            try:
+                if mine:
+                    remote = repo.remote  # built at start-up, in a thread
+                    got = await trio.to_thread.run_sync(
+                        writeback.fetch_chunks, repo.store, remote, mine, limiter=fetch_limit)
+                    with repo.store.write() as w:
+                        writeback.store_fetched(w, got)
+            finally:
+                # waiters wake only once the chunks are stored (or the fetch failed)
+                for c in mine:
+                    inflight.pop(c, None)
+                done.set()
+            for ev in waits:
+                await ev.wait()
             for cid in got:
                 repo.access.touch(cid)
             if ops.metrics is not None:
@@ -449,6 +467,9 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
         nursery.start_soon(trigger_loop)
+        if wb is not None:
+            # Build the S3 client off the FUSE thread before the first cache miss needs it.
+            nursery.start_soon(trio.to_thread.run_sync, lambda: repo.remote)
         from .forward import RedisForwarder
 
         fwd = RedisForwarder.from_config(repo.events, repo.config)

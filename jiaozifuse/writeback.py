@@ -47,7 +47,8 @@ from .store import Store, Txn
 log = logging.getLogger("jiaozifuse.writeback")
 
 PACK_TARGET = 32 << 20
-PARALLEL = 4
+#: Packs uploaded at once (boto3's own transfers use 10 threads).
+PARALLEL = 8
 #: Seconds between checkpoints of uncommitted worktrees to the remote: the
 #: most a lost machine can lose of what was closed (plus the upload time).
 CHECKPOINT_INTERVAL = 5.0
