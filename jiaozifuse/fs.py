@@ -792,6 +792,7 @@ class Ops(pyfuse3.Operations):
         self.nursery.start_soon(self._spill, ino, of, plan, done)
 
     async def _spill(self, ino: int, of: Any, plan: Any, done: trio.Event) -> None:
+        content = of.content  # if a failed batch replaces it meanwhile, the plan is void
         pieces = None
         try:
             pieces = await trio.to_thread.run_sync(_chunk_all, plan.buf, limiter=self.cpu)
@@ -801,10 +802,11 @@ class Ops(pyfuse3.Operations):
             # Runs on cancellation too (unmount): the buffer was detached from
             # the file, so it must be spliced in here or it would be lost.
             try:
-                if pieces is None:
-                    pieces = _chunk_all(plan.buf)
-                of.content.finish_write(plan, pieces)
-                self.wt.store_pending(of)
+                if of.content is content:
+                    if pieces is None:
+                        pieces = _chunk_all(plan.buf)
+                    of.content.finish_write(plan, pieces)
+                    self.wt.store_pending(of)
             except Exception as exc:
                 log.error("background write of inode %d failed: %s", ino, exc)
                 of.error = exc
@@ -832,10 +834,10 @@ class Ops(pyfuse3.Operations):
         # close(): the file's data and everything before it is committed to
         # the store (it survives SIGKILL of this daemon).
         h = self.handles.get(fh)
-        if h is not None and not h.snapshot:
+        if h is not None and not h.snapshot and h.writable:
             await self.settle(h.ino)
             self.wt.flush(h.ino)
-            if not self.lazy_close:
+            if not self.lazy_close and h.wrote:
                 self.repo.store.commit_batch()
 
     @handler

@@ -38,7 +38,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,6 +173,10 @@ class Store:
         self.queue_uploads = False
         self.refs = 1
         _OPEN[path.resolve()] = self
+        #: successful batch commits so far: a batch is identified by this number
+        self.commits = 0
+        #: called with the error when a batch commit fails (its work is lost)
+        self.failure_hooks: list[Callable[[Exception], None]] = []
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -312,8 +316,15 @@ class Store:
         batch, self._batch = self._batch, None
         try:
             batch.commit()
+            self.commits += 1
         except lmdb.Error as exc:
-            raise _translate(exc, self.path) from None
+            err = _translate(exc, self.path)
+            # Everything in the batch is gone: whoever holds state that was
+            # only in it (open files) must know, or it would later point at
+            # data the store never kept.
+            for hook in self.failure_hooks:
+                hook(err)
+            raise err from None
         finally:
             self.begin_batch()
 

@@ -172,8 +172,8 @@ class OpenFile:
     """
 
     __slots__ = (
-        "buf", "buf_off", "content", "dirty", "error", "inflight_end", "inode", "opens",
-        "written",
+        "batch", "buf", "buf_off", "content", "dirty", "error", "inflight_end", "inode",
+        "opens", "written",
     )
 
     def __init__(self, inode: Inode, content: FileContent) -> None:
@@ -188,6 +188,8 @@ class OpenFile:
         self.inflight_end = 0
         #: an error from background work, reported by the next flush/fsync
         self.error: BaseException | None = None
+        #: the store batch (Store.commits) that last received this file's data
+        self.batch = -1
 
     @property
     def size(self) -> int:
@@ -217,9 +219,28 @@ class Worktree:
         self.store = store
         self.open_files: dict[int, OpenFile] = {}
         self._read_chunk_fn = read_chunk
+        store.failure_hooks.append(self._batch_lost)
         #: called with (kind, ino, links) after each change; the repository
         #: turns them into events and kernel-cache invalidations.
         self.listeners: list[Callable[..., None]] = []
+
+    def _batch_lost(self, err: Exception) -> None:
+        """A batch commit failed (a full disk): open files that wrote into it
+        go back to what the store holds, and their next flush, fsync or close
+        reports the error, so no close ever acknowledges lost data."""
+        lost = self.store.commits
+        for ino, of in list(self.open_files.items()):
+            if of.batch != lost:
+                continue
+            of.error = err
+            with self.store.read() as r:
+                raw = r.get("inodes", _be(ino))
+            if raw is not None:
+                of.inode = Inode.decode(ino, raw)
+            of.content = FileContent(self.read_chunk, self.read_object,
+                                     of.inode.ref or EMPTY_MANIFEST_ID)
+            of.buf = bytearray()
+            of.dirty = False
 
     # ------------------------------------------------------------ primitives
 
@@ -742,6 +763,7 @@ class Worktree:
             with self.store.write() as w:
                 for cid, data in out.items():
                     w.put_chunk(cid, data)
+            of.batch = self.store.commits
             # Only once they are stored: a failed write (full disk) keeps them
             # pending, so the content never names a chunk the store lacks.
             for cid in out:
@@ -765,6 +787,9 @@ class Worktree:
     def flush(self, ino: int) -> bool:
         """Make an open file's content durable; return True if it changed."""
         of = self.open_files.get(ino)
+        if of is not None and of.error is not None:
+            err, of.error = of.error, None
+            raise err
         if of is None or not of.dirty:
             return False
         of.apply_buffer()
@@ -787,6 +812,7 @@ class Worktree:
             if node.nlink > 0:
                 self._dirty(w, node)
         of.dirty = False
+        of.batch = self.store.commits
         return True
 
     def flush_all(self) -> None:
