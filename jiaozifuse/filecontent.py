@@ -180,6 +180,10 @@ class FileContent:
             si += 1
         return bytes(out)
 
+    def hole_bytes(self) -> int:
+        """Bytes in holes, over the loaded segments (a file's edits load what they touch)."""
+        return sum(n for s in self.segs if s.entries for cid, n in s.entries if cid == ZERO_ID)
+
     def ids_in_range(self, offset: int, size: int) -> list[bytes]:
         """Ids of the stored chunks that hold bytes [offset, offset+size)."""
         end = min(self.size, offset + size)

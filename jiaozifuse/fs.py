@@ -149,6 +149,7 @@ class SnapNode:
     lookups: int = 0
     content: FileContent | None = None
     opens: int = 0
+    subdirs: int = -1  # directories: counted on first use
 
 
 @dataclass(slots=True)
@@ -245,7 +246,11 @@ class Ops(pyfuse3.Operations):
             of = self.wt.open_files.get(node.ino)
             a.st_size = of.size if of is not None else node.size
         a.st_blksize = BLKSIZE
-        a.st_blocks = (a.st_size + 511) // 512
+        stored = a.st_size
+        if node.is_file and node.alloc is not None and (
+                node.ino not in self.wt.open_files or not self.wt.open_files[node.ino].dirty):
+            stored = node.alloc  # holes take no space (du, cp --sparse, tar -S rely on it)
+        a.st_blocks = (stored + 511) // 512
         a.st_atime_ns = node.atime_ns
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
@@ -259,7 +264,12 @@ class Ops(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = n.ino
         a.st_mode = e.mode & ~0o222
-        a.st_nlink = 2 if e.is_dir else 1
+        if e.is_dir:
+            if n.subdirs < 0:
+                n.subdirs = sum(1 for c in self.repo.get_tree(e.ref).entries if c.is_dir)
+            a.st_nlink = 2 + n.subdirs
+        else:
+            a.st_nlink = 1
         a.st_uid, a.st_gid = e.uid, e.gid
         a.st_size = 4096 if e.is_dir else len(e.ref) if e.is_symlink else e.size
         if stat.S_IFMT(e.mode) in (stat.S_IFCHR, stat.S_IFBLK):

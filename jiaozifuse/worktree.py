@@ -91,6 +91,8 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     links: list[tuple[int, bytes]] = field(default_factory=list)
     loaded: bool = True  # dirs: children materialised as dirents
+    #: files: bytes actually stored (size minus holes), None when unknown
+    alloc: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -109,7 +111,7 @@ class Inode:
             [
                 self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.ref, self.target, self.xattrs,
-                [list(x) for x in self.links], self.loaded,
+                [list(x) for x in self.links], self.loaded, self.alloc,
             ]
         )
 
@@ -119,7 +121,7 @@ class Inode:
             v = cbor2.loads(data)
             return cls(
                 ino, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10],
-                [(p, n) for p, n in v[11]], v[12],
+                [(p, n) for p, n in v[11]], v[12], v[13] if len(v) > 13 else None,
             )
         except Exception as exc:
             raise Corrupt(f"inode {ino} record is corrupt: {exc}") from None
@@ -802,6 +804,7 @@ class Worktree:
             node = of.inode
             node.ref = manifest
             node.size = of.content.size
+            node.alloc = of.content.size - of.content.hole_bytes()
             raw = w.get("inodes", _be(ino))
             if raw is not None:
                 # attributes may have changed through setattr meanwhile

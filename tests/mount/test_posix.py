@@ -414,8 +414,6 @@ def test_behaviour_table(pair: tuple[Path, Path], name: str, fn: Callable[[Path]
     same(pair, fn)
 
 
-@pytest.mark.xfail(reason="BUG (minor): a snapshot directory reports st_nlink 2 whatever its "
-                   "subdirectories; the same tree on the branch reports 2 + subdirs", strict=True)
 def test_snapshot_directory_link_counts(shared: Shared) -> None:
     m = shared.get()
     d = m.main / "nl"
@@ -453,8 +451,6 @@ def test_sparse_file_size_and_zeros(pair: tuple[Path, Path]) -> None:
             assert f.read(7) == b"start\0\0"
 
 
-@pytest.mark.xfail(reason="BUG: st_blocks is size/512 for a sparse file (du shows 64M for a "
-                   "64M hole; ext4 shows a few KiB)", strict=True)
 def test_sparse_file_blocks(pair: tuple[Path, Path]) -> None:
     local, remote = pair
     for b in pair:
