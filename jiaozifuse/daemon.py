@@ -283,6 +283,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                         writeback.fetch_chunks, repo.store, remote, mine, limiter=fetch_limit)
                     with repo.store.write() as w:
                         writeback.store_fetched(w, got)
+                    repo.mark_verified(got)  # fetch_chunks checked every id
             finally:
                 # waiters wake only once the chunks are stored (or the fetch failed)
                 for c in mine:

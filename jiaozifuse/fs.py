@@ -738,8 +738,9 @@ class Ops(pyfuse3.Operations):
         sequential = off == h.next_off
         h.next_off = off + size
         want = content.ids_in_range(off, size)
+        verified = self.repo.verified
         with self.repo.store.read() as r:
-            missing = [c for c in want if not r.has_chunk(c)]
+            missing = [c for c in want if c not in verified and not r.has_chunk(c)]
         if self.metrics is not None:
             self.metrics.cache_hits.inc(len(want) - len(missing))
         if missing:
