@@ -331,7 +331,10 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                         log.warning("trigger %s failed for event %d: %s", rule.name,
                                     ev["seq"], result.error)
                 repo.events.ack(triggers.CONSUMER, ev["seq"])
-                repo.store.commit_batch()
+                if rules:
+                    # a trigger ran: make its record and the acknowledgement durable
+                    # now; events no rule matched ride on the group commit.
+                    repo.store.commit_batch()
 
     async def forward_loop(fwd: Any) -> None:
         """Send events to the broker; acknowledged in the log only once sent."""
@@ -349,8 +352,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 backoff = min(60.0, backoff * 2)
                 continue
             backoff = 1.0
-            repo.events.ack("redis", events[-1]["seq"])
-            repo.store.commit_batch()
+            repo.events.ack("redis", events[-1]["seq"])  # durable with the group commit
 
     async def run_op(name: str, args: dict) -> Any:
         """Operations that wait on the remote run here, without blocking FUSE."""
