@@ -205,7 +205,9 @@ def collect_remote(repo: Any, dry_run: bool = False, now: float | None = None) -
     with repo.store.read() as r:
         objects, chunks = mark(r, None, extra_roots=roots)
         reachable = objects | chunks
-        packs: dict[bytes, bool] = {}
+        # every pack we know of; a pack whose entries all moved elsewhere
+        # (rescued by a writer) has no located entry left and is dead too
+        packs: dict[bytes, bool] = {bytes(k[5:]): False for k, _ in r.prefix("meta", b"pack/")}
         for oid, raw in r.prefix("located", b""):
             pid = bytes(raw[:32])
             packs[pid] = packs.get(pid, False) or bytes(oid) in reachable
