@@ -202,3 +202,43 @@ def test_metrics_endpoint_counts_requests(mount_factory, tmp_path) -> None:
         assert any(k.startswith("jiaozifuse_fuse_request_seconds_bucket") for k in after)
     finally:
         jz("umount", str(mnt))
+
+
+def test_control_socket_refuses_other_users(mnt) -> None:
+    """Only the mount's owner (or root) may drive the daemon."""
+    import socket
+
+    sock = str(mnt.repo / "run" / "control.sock")
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    # let the other user reach the socket file, so that the daemon's own uid check is
+    # what refuses it (pytest's temp dirs are 0700)
+    from pathlib import Path
+
+    opened = []
+    for d in Path(sock).parents:
+        if str(d) in ("/", "/tmp"):
+            break
+        opened.append((d, os.stat(d).st_mode & 0o7777))
+        os.chmod(d, (os.stat(d).st_mode & 0o7777) | 0o001)
+    pid = os.fork()
+    if pid == 0:  # child: become nobody, try to connect
+        code = 3
+        try:
+            os.chmod(sock, 0o666)  # as root, open the file mode: the uid check remains
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(sock)
+            # the daemon answers a foreign uid at once, before any request
+            reply = s.recv(4096)
+            code = 0 if b"permission denied" in reply else 1
+        except OSError:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    os.chmod(sock, 0o600)
+    for d, mode in opened:
+        os.chmod(d, mode)
+    assert os.WEXITSTATUS(status) == 0, "a foreign uid was not refused"

@@ -283,3 +283,35 @@ def test_lost_machine_recovers_checkpointed_worktree(tmp_path, bucket, mounts) -
     jz("commit", "-m", "recovered", "--repo", str(clone), env=env)
     jz("export", "main", str(out), "--repo", str(clone), env=env)
     assert (out / "draft.bin").read_bytes() == data
+
+
+def test_a_flipped_bit_in_the_cache_is_refetched(tmp_path, bucket) -> None:
+    """A corrupt cached chunk is never served: it is fetched again from S3."""
+    import lmdb
+
+    s3, name = bucket
+    env = s3.env()
+    repo = init_remote(tmp_path, s3, name)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = blob(2 << 20, 77)
+    (src / "f.bin").write_bytes(data)
+    jz("import", str(src), "--repo", str(repo), env=env)
+    jz("commit", "-m", "c", "--repo", str(repo), env=env)
+    jz("sync", "--wait", "--repo", str(repo), env=env)
+    lenv = lmdb.open(str(repo / "store"), max_dbs=32)
+    db = lenv.open_db(b"chunks")
+    with lenv.begin(write=True) as t:
+        key, value = next((bytes(k), bytes(v)) for k, v in t.cursor(db=db) if len(v) > 1000)
+        bad = bytearray(value)
+        bad[100] ^= 0x40
+        t.put(key, bytes(bad), db=db)
+    lenv.close()
+    report = json.loads(jz("fsck", "--json", "--repo", str(repo), env=env,
+                           check=False).stdout)
+    assert not report["ok"] and any(p["kind"] == "bad-chunk" for p in report["problems"])
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(repo), env=env)
+    assert (out / "f.bin").read_bytes() == data  # served from S3, verified
+    report = json.loads(jz("fsck", "--json", "--repo", str(repo), env=env).stdout)
+    assert report["ok"]
