@@ -1,0 +1,27 @@
+"""The Grafana dashboard only uses metrics the daemon exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from jiaozifuse.metrics import Metrics
+
+
+def test_dashboard_metrics_exist(tmp_repo) -> None:
+    doc = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json")
+                     .read_text())
+    exported = set()
+    for metric in Metrics(tmp_repo).registry.collect():
+        exported.add(metric.name)
+        for s in metric.samples:
+            exported.add(s.name)
+    used = set()
+    for panel in doc["panels"]:
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            used |= set(re.findall(r"jiaozifuse_[a-z_]+", t["expr"]))
+    missing = used - exported
+    assert not missing, f"the dashboard uses metrics nobody exports: {sorted(missing)}"
+    assert len(used) >= 10
