@@ -672,9 +672,9 @@ def events_tail(obj: Ctx, since: int | None, count: int, follow: bool, repo_opt:
                     where = f"{ev['old_path']} -> {where}"
                 click.echo(f"{ev['seq']:>8} {when} {ev['type']:<13} "
                            f"{ev.get('branch') or '-':<16} {where}")
-        if not follow:
-            return
         if not r["events"]:
+            if not follow:
+                return
             _time.sleep(0.5)
 
 

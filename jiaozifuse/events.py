@@ -43,8 +43,10 @@ def _be(n: int) -> bytes:
 
 
 def encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False,
-                      default=str).encode("utf-8", "surrogateescape")
+    # ASCII JSON: a path's non-UTF-8 bytes (surrogateescape) become \udcXX escapes,
+    # so every consumer gets valid JSON and os.fsencode() gives the bytes back.
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=True,
+                      default=str).encode("ascii")
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -74,7 +76,7 @@ class EventLog:
         event.update({k: v for k, v in fields.items() if v is not None})
         t.txn.put(_be(seq), encode(event), db=t._dbs["events"])
         self._appended += 1
-        if self._appended % 1024 == 0:
+        if self._appended % 1024 == 1:  # the first append of a process, then every 1,024
             self.trim(t)
         return seq
 

@@ -866,8 +866,12 @@ class Repository:
         if self.is_ancestor(ours, theirs):
             with self.store.write() as w:
                 self.update_ref(w, into, ours, theirs)
-                self._reset_worktree(w, into, self.get_commit(theirs, w).tree)
-            self.emit("merge", branch=into, source=src, commit=theirs.hex(), fast_forward=True)
+                new_tree = self.get_commit(theirs, w).tree
+                self._reset_worktree(w, into, new_tree)
+                paths = [c.path for c in self._diff_trees(
+                    w, self.get_commit(ours, w).tree, new_tree)]
+            self.emit("merge", branch=into, source=src, commit=theirs.hex(), fast_forward=True,
+                      paths=paths[:MAX_EVENT_PATHS])
             return theirs
         base = self.merge_base(ours, theirs)
         with self.store.write() as w:
@@ -886,7 +890,9 @@ class Repository:
                                     message or f"Merge {src} into {into}")
             self.update_ref(w, into, ours, cid)
             self._reset_worktree(w, into, tree)
-        self.emit("merge", branch=into, source=src, commit=cid.hex(), fast_forward=False)
+            paths = [c.path for c in self._diff_trees(w, self.get_commit(ours, w).tree, tree)]
+        self.emit("merge", branch=into, source=src, commit=cid.hex(), fast_forward=False,
+                  paths=paths[:MAX_EVENT_PATHS])
         return cid
 
     def revert(self, commit: str, branch: str | None = None) -> bytes:
@@ -914,7 +920,9 @@ class Repository:
                                     f'Revert "{c.message}"\n\nThis reverts {target.hex()}.')
             self.update_ref(w, branch, head, cid)
             self._reset_worktree(w, branch, tree)
-        self.emit("revert", branch=branch, commit=cid.hex(), reverted=target.hex())
+            paths = [c.path for c in self._diff_trees(w, self.get_commit(head, w).tree, tree)]
+        self.emit("revert", branch=branch, commit=cid.hex(), reverted=target.hex(),
+                  paths=paths[:MAX_EVENT_PATHS])
         return cid
 
     def reset(self, branch: str, ref: str | None = None, hard: bool = False) -> bytes:

@@ -48,11 +48,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Corrupt, JiaoziError, NotFound
-from .events import EventLog, encode
+from .events import FS_TYPES, REPO_TYPES, EventLog, encode
 
 log = logging.getLogger("jiaozifuse.triggers")
 
 RULES_PATH = ".jiaozi/triggers.toml"
+KNOWN_TYPES = (*FS_TYPES, *REPO_TYPES, "pre_commit")
+#: The longest wait between two attempts of a failing trigger.
+MAX_BACKOFF_S = 60.0
 CONSUMER = "triggers"
 OUTPUT_TAIL = 4096
 SIGNATURE_HEADER = "X-Jiaozi-Signature"
@@ -143,6 +146,13 @@ def parse_rules(text: str, source: str = RULES_PATH) -> list[Rule]:
         on = strings("on")
         if not on:
             raise JiaoziError(f"{where}: 'on' lists no event types")
+        unknown_types = [t for t in on if t not in KNOWN_TYPES]
+        if unknown_types:
+            raise JiaoziError(f"{where}: unknown event type(s) {', '.join(unknown_types)}; "
+                              f"known: {', '.join(KNOWN_TYPES)}")
+        if any(g.startswith("/") for g in strings("paths")):
+            raise JiaoziError(f"{where}: 'paths' globs are relative to the branch root "
+                              "(no leading '/')")
         run = strings("run")
         webhook = item.get("webhook", "")
         if bool(run) == bool(webhook):
@@ -284,7 +294,7 @@ def execute(rule: Rule, event: dict[str, Any], repo_path: str,
         if result.ok:
             return result
         if attempt < rule.retries:
-            sleep(base_delay * (2 ** attempt))
+            sleep(min(MAX_BACKOFF_S, base_delay * (2 ** attempt)))
     return result
 
 
@@ -334,7 +344,9 @@ class Runner:
     def pending(self, limit: int = 100) -> list[tuple[dict[str, Any], list[Rule]]]:
         out = []
         for ev in self.log.read(self.log.offset(CONSUMER), limit):
-            out.append((ev, [r for r in self.rules_for(ev.get("branch")) if r.matches(ev)]))
+            # events of no branch (tags) use the default branch's rules
+            branch = ev.get("branch") or self.repo.default_branch
+            out.append((ev, [r for r in self.rules_for(branch) if r.matches(ev)]))
         return out
 
     def run_once(self, limit: int = 100) -> int:

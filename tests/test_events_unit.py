@@ -78,11 +78,6 @@ def test_non_utf8_path_round_trips(tmp_repo: Repository) -> None:
     assert os.fsencode(ev["path"]) == raw
 
 
-@pytest.mark.xfail(reason="BUG: an event whose path is not UTF-8 is encoded as JSON holding the "
-                   "raw bytes (events.encode uses ensure_ascii=False + surrogateescape), so "
-                   "the trigger's stdin, $JIAOZI_EVENT, the webhook body and the Redis entry "
-                   "are not valid UTF-8 JSON: json.loads(body) raises UnicodeDecodeError",
-                   strict=True)
 def test_event_json_is_valid_utf8_even_for_non_utf8_paths() -> None:
     raw = b"caf\xe9.csv"
     body = encode({"seq": 1, "type": "create", "path": os.fsdecode(raw)})
@@ -95,13 +90,13 @@ def test_retention_max_events(tmp_repo: Repository) -> None:
     with tmp_repo.store.write() as w:
         for i in range(1030):
             log.append("create", w, branch="main", path=f"f{i}")
-    # retention is amortised: the 1024th append of this log object trimmed to 100
+    # retention is amortised (first append of a process, then every 1,024): at most
+    # 1,024 events beyond the bound remain until the next trim
     evs = list(log.read(0))
     assert evs[-1]["seq"] == 1030
-    assert len(evs) == 100 + 6
-    assert [e["seq"] for e in evs] == list(range(925, 1031))
+    assert 100 <= len(evs) <= 100 + 1024
     with tmp_repo.store.write() as w:
-        assert log.trim(w) == 6
+        log.trim(w)
     assert [e["seq"] for e in log.read(0)] == list(range(931, 1031))
     # a consumer that fell behind sees the gap: its first event is later than asked
     c = Consumer(log, "slow")
@@ -119,10 +114,6 @@ def test_retention_max_age(tmp_repo: Repository) -> None:
     assert [e["seq"] for e in log.read(0)] == [new]
 
 
-@pytest.mark.xfail(reason="BUG: retention only runs on the 1024th append of one EventLog "
-                   "object (EventLog._appended is per process), so when each process appends "
-                   "a few events (every CLI commit/branch/tag without a mount, or a daemon "
-                   "with light traffic) max_events/max_age_s are never applied", strict=True)
 def test_retention_applies_across_short_lived_processes(tmp_repo: Repository) -> None:
     for i in range(300):  # like 300 `jiaozifuse commit` runs: a new EventLog each time
         EventLog(tmp_repo.store, max_events=50).append("commit", branch="main", path=f"{i}")
@@ -248,17 +239,11 @@ def test_rules_errors_are_clear(text: str, message: str) -> None:
         assert "'a'" in msg  # names the trigger
 
 
-@pytest.mark.xfail(reason="BUG: event types in 'on' are not checked: a typo such as "
-                   "on = ['comit'] is accepted and the trigger silently never runs",
-                   strict=True)
 def test_rules_unknown_event_type_is_an_error() -> None:
     with pytest.raises(JiaoziError, match="comit"):
         parse_rules("[[trigger]]\nname='a'\non=['comit']\nrun=['true']")
 
 
-@pytest.mark.xfail(reason="BUG: a path glob with a leading '/' (paths = ['/data/**']) is "
-                   "accepted but can never match, since event paths are relative to the "
-                   "branch root; the trigger silently never runs", strict=True)
 def test_rules_absolute_glob_is_an_error_or_matches() -> None:
     try:
         (r,) = parse_rules("[[trigger]]\nname='a'\non=['commit']\nrun=['true']\n"
@@ -348,10 +333,6 @@ def test_execute_retries_with_backoff(tmp_path: Path) -> None:
     assert res.ok and res.attempts == 1 and delays == []
 
 
-@pytest.mark.xfail(reason="BUG: the retry backoff has no cap: with retries = 20 (the maximum "
-                   "the parser allows) the last wait is 2**19 s (6 days) and the waits add up "
-                   "to 12 days, during which the daemon's single runner handles no other event",
-                   strict=True)
 def test_retry_backoff_is_capped(tmp_path: Path) -> None:
     rule = parse_rules("[[trigger]]\nname='w'\non=['commit']\nrun=['false']\nretries=20")[0]
     delays: list[float] = []
@@ -455,9 +436,6 @@ def test_triggers_run_without_daemon(tmp_path: Path) -> None:
     assert [(x["trigger"], x["ok"], x["exit_code"]) for x in st["runs"]] == [("rec", True, 0)]
 
 
-@pytest.mark.xfail(reason="BUG: tag_create/tag_delete events carry no 'branch', and "
-                   "Runner.rules_for(None) returns no rules, so a trigger on tag_create (the "
-                   "example in the triggers.py docstring) never runs", strict=True)
 def test_trigger_on_tag_create_runs(tmp_path: Path) -> None:
     rpath, out = _setup_runner_repo(tmp_path, """
         [[trigger]]
@@ -470,9 +448,6 @@ def test_trigger_on_tag_create_runs(tmp_path: Path) -> None:
     assert [x["event"]["type"] for x in _runs(out)] == ["tag_create"]
 
 
-@pytest.mark.xfail(reason="BUG: merge (and revert/reset) events carry no 'paths', so a "
-                   "trigger with a path filter (paths = ['data/**'], on = ['commit', 'merge']) "
-                   "never runs when data/ changes on main through a merge", strict=True)
 def test_path_filtered_trigger_sees_merges(tmp_path: Path) -> None:
     rpath, out = _setup_runner_repo(tmp_path, """
         [[trigger]]
@@ -526,9 +501,6 @@ def test_events_tail_cli_small(tmp_path: Path) -> None:
     assert jz("--repo", str(rpath), "events", "tail", "-n", "0").stdout == ""
 
 
-@pytest.mark.xfail(reason="BUG: `events tail -n N` and `events tail --since S` (without -f) "
-                   "print at most 1000 events: events_tail makes one op call with "
-                   "limit=1000 and returns when not following", strict=True)
 def test_events_tail_cli_more_than_1000(tmp_path: Path) -> None:
     rpath = _many_events(tmp_path, 1500)
     n = jz("--repo", str(rpath), "events", "tail", "-n", "1500", "--json").stdout
