@@ -365,8 +365,20 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             return {"packs": 0, "bytes": wb.sent_bytes - before, "refs": 0}
         if name == "triggers_run":
             return {"handled": 0, "note": "the mount daemon runs triggers by itself"}
-        if name == "commit" and args.get("wait"):
-            result = opsmod.run(repo, "commit", {**args, "wait": False})
+        if name == "commit":
+            # The pre-commit triggers run in a worker thread, so that the mount
+            # keeps serving (a hook may read the very files being committed).
+            from . import triggers
+
+            branch = args.get("branch") or repo.default_branch
+            prep = repo.prepare_commit(branch, bool(args.get("allow_empty")))
+            for rule, event in triggers.pre_commit_jobs(repo, branch, prep.changed):
+                await trio.to_thread.run_sync(
+                    triggers.check_pre_commit, rule, event, str(repo.path))
+            cid = repo.finish_commit(prep, args["message"], args.get("meta") or {})
+            result = {"branch": branch, **opsmod.commit_dict(cid, repo.get_commit(cid))}
+            if not args.get("wait"):
+                return result
             repo.store.commit_batch()
             if wb is None:
                 raise JiaoziError("this repository has no remote")

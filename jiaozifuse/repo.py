@@ -81,6 +81,14 @@ def default_author() -> str:
 
 
 @dataclass(frozen=True)
+class PreparedCommit:
+    branch: str
+    head: bytes
+    tree: bytes
+    changed: list[str]
+
+
+@dataclass(frozen=True)
 class Change:
     """One path that differs between two trees."""
 
@@ -633,10 +641,21 @@ class Repository:
         """Commit the branch's worktree.  Cost grows with the change only.
 
         Metadata values are stored as text (``loss=0.5`` becomes ``"0.5"``).
+        Pre-commit triggers run in between (see :meth:`prepare_commit`).
         """
-        if not isinstance(message, str):
-            raise JiaoziError("the commit message must be text")
-        meta = {str(k): str(v) for k, v in (meta or {}).items()}
+        from .triggers import check_pre_commit, pre_commit_jobs
+
+        prep = self.prepare_commit(branch, allow_empty)
+        for rule, event in pre_commit_jobs(self, branch, prep.changed):
+            check_pre_commit(rule, event, str(self.path))
+        return self.finish_commit(prep, message, meta, author)
+
+    def prepare_commit(self, branch: str, allow_empty: bool = False) -> PreparedCommit:
+        """Write the worktree's trees; what :meth:`finish_commit` will commit.
+
+        The daemon runs pre-commit triggers between the two in a worker thread,
+        so a hook may read the mount while it decides.
+        """
         self.worktree.flush_all()
         with self.store.write() as w:
             head = self.head(branch, w)
@@ -647,15 +666,20 @@ class Repository:
         # mtime only) is nothing to commit.
         if not changed and not allow_empty:
             raise JiaoziError(f"nothing to commit on {branch}")
-        from .triggers import run_pre_commit
+        return PreparedCommit(branch, head, tree, changed)
 
-        run_pre_commit(self, branch, changed)
+    def finish_commit(self, prep: PreparedCommit, message: str,
+                      meta: dict[str, str] | None = None, author: str | None = None) -> bytes:
+        if not isinstance(message, str):
+            raise JiaoziError("the commit message must be text")
+        meta = {str(k): str(v) for k, v in (meta or {}).items()}
         with self.store.write() as w:
-            cid = self._make_commit(w, tree, [head], message, meta, author)
-            self.update_ref(w, branch, head, cid)
+            cid = self._make_commit(w, prep.tree, [prep.head], message, meta, author)
+            self.update_ref(w, prep.branch, prep.head, cid)
+        changed = prep.changed
         more = len(changed) > MAX_EVENT_PATHS
-        self.emit("commit", branch=branch, commit=cid.hex(), paths=changed[:MAX_EVENT_PATHS],
-                  paths_truncated=more or None)
+        self.emit("commit", branch=prep.branch, commit=cid.hex(),
+                  paths=changed[:MAX_EVENT_PATHS], paths_truncated=more or None)
         return cid
 
     def log(self, ref: str, limit: int | None = None) -> Iterator[tuple[bytes, Commit]]:

@@ -364,15 +364,25 @@ class Runner:
         return n
 
 
-def run_pre_commit(repo: Any, branch: str, paths: list[str]) -> None:
-    """Run the branch's pre_commit triggers; a failure refuses the commit."""
+def pre_commit_jobs(repo: Any, branch: str, paths: list[str]
+                    ) -> list[tuple[Rule, dict[str, Any]]]:
+    """The branch's pre_commit triggers that match this change (store reads only)."""
     event = {"seq": 0, "time_ns": time.time_ns(), "type": "pre_commit", "branch": branch,
              "paths": paths}
-    for rule in Runner(repo).rules_for(branch):
-        if not rule.matches(event):
-            continue
-        result = execute_once(rule, event, str(repo.path))  # a verdict, not retried
-        if not result.ok:
-            tail = result.output.strip().splitlines()[-1:] or [result.error]
-            raise JiaoziError(f"pre-commit trigger {rule.name!r} refused the commit "
-                              f"({result.error}): {tail[0][:300]}")
+    return [(rule, event) for rule in Runner(repo).rules_for(branch) if rule.matches(event)]
+
+
+def check_pre_commit(rule: Rule, event: dict[str, Any], repo_path: str) -> None:
+    """Run one pre_commit trigger (blocking, any thread); a failure refuses the commit."""
+    result = execute_once(rule, event, repo_path)  # a verdict, not retried
+    if not result.ok:
+        tail = result.output.strip().splitlines()[-1:] or [""]
+        why = f": {tail[0][:300]}" if tail[0] else ""
+        raise JiaoziError(f"pre-commit trigger {rule.name!r} refused the commit "
+                          f"({result.error}){why}")
+
+
+def run_pre_commit(repo: Any, branch: str, paths: list[str]) -> None:
+    """Run the branch's pre_commit triggers here; a failure refuses the commit."""
+    for rule, event in pre_commit_jobs(repo, branch, paths):
+        check_pre_commit(rule, event, str(repo.path))

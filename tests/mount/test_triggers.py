@@ -408,11 +408,6 @@ def test_failing_pre_commit_trigger_refuses_the_commit(tm: Mount, tmp_path: Path
     assert (b / "data" / "bad.csv").read_text() == "1,2\n"
 
 
-@pytest.mark.xfail(reason="BUG: pre_commit triggers run synchronously on the daemon's trio "
-                   "thread (repo.commit inside run_op), so the mount serves no FUSE request "
-                   "while the hook runs: a hook that reads the files being committed hangs "
-                   "until its timeout and the commit is refused ('timed out after 3 s')",
-                   strict=True)
 def test_pre_commit_trigger_can_read_the_mount(tm: Mount) -> None:
     m = tm
     b = new_branch(m, "trig-pre2")
