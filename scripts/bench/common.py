@@ -627,3 +627,25 @@ class JiaozifuseTarget(Target):
         if self.root is not None:
             self._unmount()
         super().teardown()
+
+
+def run_in_workdir(body: Any, workdir: Path, on_interrupt: str) -> int:
+    """Run ``body(resources)`` with every mount and process undone afterwards.
+
+    The work directory is removed unless something is still mounted below it
+    (then it is kept and named).  Returns 130 after Ctrl-C, else 0.
+    """
+    rc = 0
+    try:
+        with Resources() as res:
+            body(res)
+    except KeyboardInterrupt:
+        log(on_interrupt)
+        rc = 130
+    finally:
+        left = [mp for _, mp, _ in mounts() if mp.startswith(f"{workdir}/")]
+        if left:
+            log(f"NOT removing {workdir}: still mounted: {', '.join(left)}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rc

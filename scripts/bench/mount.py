@@ -25,7 +25,6 @@ import argparse
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -325,19 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "samples": {}, "errors": [], "figures": [asdict(f) for f in FIGURES],
     }
     log(f"workdir {workdir}")
-    rc = 0
-    try:
-        with common.Resources() as res:
-            run(args, res, workdir, results)
-    except KeyboardInterrupt:
-        log("interrupted; mounts and processes cleaned up")
-        rc = 130
-    finally:
-        left = [mp for _, mp, _ in common.mounts() if mp.startswith(f"{workdir}/")]
-        if left:
-            log(f"NOT removing {workdir}: still mounted: {', '.join(left)}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    rc = common.run_in_workdir(lambda res: run(args, res, workdir, results), workdir,
+                               "interrupted; mounts and processes cleaned up")
     results["drop_caches_worked"] = common.drop_caches_worked()
     print()
     print(f"size={args.size} MiB, files={args.files}, rounds={args.rounds}, "

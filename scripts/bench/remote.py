@@ -567,19 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [asdict(f) for f in FIGURES], "jz_extra": JZ_EXTRA,
     }
     log(f"workdir {workdir}")
-    rc = 0
-    try:
-        with common.Resources() as res:
-            run(args, res, workdir, results)
-    except KeyboardInterrupt:
-        log("interrupted; mounts, processes and the server cleaned up")
-        rc = 130
-    finally:
-        left = [mp for _, mp, _ in common.mounts() if mp.startswith(f"{workdir}/")]
-        if left:
-            log(f"NOT removing {workdir}: still mounted: {', '.join(left)}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    rc = common.run_in_workdir(lambda res: run(args, res, workdir, results), workdir,
+                               "interrupted; mounts, processes and the server cleaned up")
     results["drop_caches_worked"] = common.drop_caches_worked()
     print()
     print(f"size={args.size} MiB, rounds={args.rounds}, drop_caches="
