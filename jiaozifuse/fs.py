@@ -19,13 +19,16 @@ Kernel caching, which is where metadata speed comes from:
   hour (``keep_cache`` on open);
 * branches change only through this mount, whose writes the kernel sees, or
   through the CLI, which goes through the daemon; so branch entries and
-  attributes are cached too, and :meth:`Ops.invalidate_branch` drops them
+  attributes are cached too, and :meth:`Ops.apply_invalidations` drops them
   when a reset, merge or revert replaces a worktree;
 * failed lookups are cached as negative entries.
 
-Concurrency: every handler runs on the one trio thread pyfuse3 uses, and the
-worktree is only touched from it, so handlers need no locks; a handler never
-awaits between reading and writing worktree state.
+Concurrency: every handler runs on the one trio thread pyfuse3 uses (up to 16
+requests in flight), and the worktree and the store's batch are only touched
+from it, so handlers need no locks.  A handler may await — for a file's
+background chunking (:meth:`Ops.settle`) or for chunks fetched from the remote —
+but never between reading and writing worktree state, and a file's content
+changes only when no background chunking of it is in flight.
 
 Errors: a handler never lets an exception other than ``FUSEError`` escape
 (pyfuse3 would end the whole mount).  A JiaoziError becomes its errno;
