@@ -87,18 +87,11 @@ def decode_manifest(data: bytes) -> tuple[int, list[tuple[bytes, int]]]:
 # ------------------------------------------------------------------------- trees
 
 
-@dataclass(frozen=True, slots=True)
-class TreeEntry:
-    """One name in a tree.  *ref*: manifest id, tree id, or symlink target."""
+class FileKind:
+    """``is_dir``/``is_file``/``is_symlink`` from a ``mode`` attribute (tree entries, inodes)."""
 
-    name: bytes
+    __slots__ = ()
     mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int
-    ref: bytes
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def is_dir(self) -> bool:
@@ -111,6 +104,21 @@ class TreeEntry:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry(FileKind):
+    """One name in a tree.  *ref*: manifest id, tree id, or symlink target."""
+
+    name: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    ref: bytes
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
 
 
 @dataclass(frozen=True, slots=True)

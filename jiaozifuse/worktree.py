@@ -44,6 +44,7 @@ from .filecontent import FileContent
 from .objects import (
     EMPTY_MANIFEST_ID,
     EMPTY_TREE_ID,
+    FileKind,
     TreeEntry,
     decode_tree,
     encode_tree,
@@ -75,7 +76,7 @@ def now_ns() -> int:
 
 
 @dataclass(slots=True)
-class Inode:
+class Inode(FileKind):
     ino: int
     mode: int
     uid: int = 0
@@ -93,18 +94,6 @@ class Inode:
     loaded: bool = True  # dirs: children materialised as dirents
     #: files: bytes actually stored (size minus holes), None when unknown
     alloc: int | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
     def encode(self) -> bytes:
         return cbor2.dumps(
