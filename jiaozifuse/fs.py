@@ -768,6 +768,8 @@ class Ops(pyfuse3.Operations):
         h = self.handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if not self.repo.cache_room(len(buf)):  # cache full of data S3 lacks
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         of = self.wt.open_files[h.ino]
         h.wrote = True
         self.stats["writes"] = self.stats.get("writes", 0) + 1

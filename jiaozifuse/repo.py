@@ -307,6 +307,16 @@ class Repository:
             return 0
         return writeback.evict(self.store, limit, self.access)
 
+    def cache_room(self, n: int) -> bool:
+        """May *n* more bytes be written into the cache?
+
+        False once the chunks not yet uploaded fill ``cache_size`` (they can
+        never be evicted): the mount answers ENOSPC rather than grow the
+        cache without bound while S3 is unreachable.  Cheap (no LMDB access):
+        the daemon's write-back keeps the figures (writeback.UploadState).
+        """
+        return writeback.state_of(self.store).room(n)
+
     def fetch(self) -> dict[str, Any]:
         """Bring the remote's objects and refs; fast-forward what can be."""
         rem = self.remote
@@ -404,6 +414,7 @@ class Repository:
         st["remote"] = self.config.get("remote", {}).get("url")
         st["cache_id"] = self.config.get("cache_id")
         st["cache_size"] = self.config.get("cache_size")
+        st.update(writeback.state_of(self.store).as_dict())
         return st
 
     def close(self) -> None:

@@ -20,7 +20,11 @@ Fetch
 Cache
     ``cache_size`` bounds the bytes of chunks kept locally.  Only chunks the
     remote holds (``located``) are evicted, least recently read first; chunks
-    still queued for upload are never evicted.
+    still queued for upload are never evicted.  So when S3 is unreachable (or
+    uploads fall behind the writers) the cache fills with chunks that cannot
+    go: once those reach ``cache_size``, writes through the mount fail with
+    ENOSPC (:class:`UploadState`) until uploads drain, instead of growing
+    the cache without bound.
 
 Concurrency: the planning and network parts are blocking and run in worker
 threads; every store write (completing an upload, storing fetched chunks)
@@ -34,6 +38,7 @@ import json
 import logging
 import struct
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,24 +194,33 @@ def conflicts(t: Txn) -> list[dict[str, str]]:
 
 
 def queue_status(store: Store) -> dict[str, Any]:
-    with store.read() as r:
+    """What is queued, uploaded and in conflict (the committed state).
+
+    Reads the queue through LMDB memoryviews: a queued chunk's size costs a
+    lookup, not a copy of its bytes (``remote status`` may be polled every
+    half second by ``sync``'s progress bar while a GiB waits).
+    """
+    store.commit_batch()  # in the daemon: what was written so far is counted
+    with store.snapshot(buffers=True) as r:
         n = {"chunks": 0, "objects": 0, "refs": 0}
         nbytes = 0
         oldest = None
-        for k, v in r.prefix("upload", b""):
-            tag = v[:1]
+        chunks = r._dbs["chunks"]
+        for k, v in r.cursor("upload"):
+            tag = bytes(v[:1])
             if oldest is None:
                 oldest = int.from_bytes(k, "big")
             if tag == b"W":
                 continue
             if tag == b"C":
                 n["chunks"] += 1
-                data = r.get_chunk(bytes(v[1:33]))
-                nbytes += len(data) if data else 0
+                data = r.txn.get(bytes(v[1:33]), db=chunks)
+                nbytes += len(data) if data is not None else 0
             elif tag == b"O":
                 n["objects"] += 1
             else:
                 n["refs"] += 1
+    with store.snapshot() as r:
         return {
             "queued": n,
             "queued_bytes": nbytes,
@@ -340,6 +354,104 @@ def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes
                     progress(len(b.data))
 
 
+def pending_chunk_bytes(store: Store) -> int:
+    """Bytes of the chunks queued for upload: those that may not be evicted.
+
+    Committed state, any thread; lengths come from LMDB memoryviews, nothing
+    is copied.  Costs one lookup per queued chunk (about 16k per GiB).
+    """
+    total = 0
+    with store.snapshot(buffers=True) as r:
+        chunks = r._dbs["chunks"]
+        for _, v in r.cursor("upload"):
+            if v[:1] == b"C":
+                data = r.txn.get(bytes(v[1:33]), db=chunks)
+                total += len(data) if data is not None else 0
+    return total
+
+
+class UploadState:
+    """What the daemon's write-back knows, shared with the write path and
+    ``remote status`` (one per open store: :func:`state_of`).
+
+    The write path asks :meth:`room` before every write: plain arithmetic,
+    never an LMDB scan.  The estimate of bytes not yet durable remotely is
+    the count :meth:`Writeback.recount` last took (:func:`pending_chunk_bytes`)
+    minus what was uploaded since, plus every byte written through the mount
+    since (an overestimate: dedup and overwrites store less; the next count,
+    about once a second, corrects it).  Bytes still in open files' write
+    buffers when the count was taken (up to 16 MiB per file) are in neither
+    figure: that is the margin by which the cache can exceed its bound.
+    Lives on the trio thread, like everything that calls it.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        #: a daemon's Writeback keeps this state current (else room() says yes)
+        self.active = False
+        self.counted = False
+        self.pending = 0
+        self.written = 0
+        self.uploading = 0
+        self.sent_bytes = 0
+        self.last_error: str | None = None
+        self.refusing = False
+
+    def not_durable(self) -> int:
+        return self.pending + self.written
+
+    def room(self, n: int) -> bool:
+        """May *n* more bytes be written?  False: the caller answers ENOSPC."""
+        if not self.limit or not self.active or not self.counted:
+            return True
+        if self.not_durable() + n > self.limit:
+            if not self.refusing:
+                why = (f"S3 is unreachable ({self.last_error})" if self.last_error
+                       else "uploads are behind the writers")
+                log.error("cache full of data not yet uploaded (%d MiB, cache-size %d MiB) "
+                          "and %s: writes fail with ENOSPC until uploads drain",
+                          self.not_durable() >> 20, self.limit >> 20, why)
+                self.refusing = True
+            return False
+        if self.refusing:
+            log.warning("uploads drained (%d MiB not yet uploaded): writes accepted again",
+                        self.not_durable() >> 20)
+            self.refusing = False
+        self.written += n
+        return True
+
+    def uploaded(self, n: int) -> None:
+        """*n* bytes of chunks became durable remotely (counted or just written)."""
+        left = n - self.pending
+        self.pending = max(0, self.pending - n)
+        if left > 0:
+            self.written = max(0, self.written - left)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "writeback_running": self.active,
+            "not_durable_bytes": self.not_durable() if self.counted else None,
+            "uploading_bytes": self.uploading,
+            "last_error": self.last_error,
+            # now, not as the last write found it
+            "refusing_writes": bool(self.limit and self.active and self.counted
+                                    and self.not_durable() >= self.limit),
+        }
+
+
+_STATES: weakref.WeakKeyDictionary[Store, UploadState] = weakref.WeakKeyDictionary()
+
+
+def state_of(store: Store) -> UploadState:
+    """The one :class:`UploadState` of an open store (the daemon's Writeback
+    and Repository.cache_room reach it from either side without knowing
+    each other)."""
+    st = _STATES.get(store)
+    if st is None:
+        st = _STATES[store] = UploadState()
+    return st
+
+
 class Writeback:
     """The daemon's background uploader (a trio task; boto3 in worker threads).
 
@@ -364,6 +476,26 @@ class Writeback:
         self.checkpoint: Callable[[], Any] | None = None
         self._lock: Any = None
         self._wake: Any = None
+        self.state = state_of(store)
+        self.state.limit = cache_size
+        self.state.active = True
+
+    async def recount(self) -> None:
+        """Count the bytes not yet uploaded afresh (a worker thread scans the
+        queue), keeping the writes made meanwhile.  Only with a cache bound:
+        without one nothing asks."""
+        import trio
+
+        st = self.state
+        st.last_error = self.last_error
+        if not self.cache_size:
+            return
+        self.store.commit_batch()  # the count sees every chunk stored so far
+        before = st.written
+        pending = await trio.to_thread.run_sync(pending_chunk_bytes, self.store)
+        st.pending = pending
+        st.written = max(0, st.written - before)
+        st.counted = True
 
     @property
     def remote(self) -> Remote:
@@ -413,14 +545,20 @@ class Writeback:
         errors: list[BaseException] = []
 
         async def one(b: Batch) -> None:
+            self.state.uploading += len(b.data)
             try:
                 await trio.to_thread.run_sync(send, remote, b, {})
             except Exception as exc:
                 errors.append(exc)
                 return
+            finally:
+                self.state.uploading -= len(b.data)
             with self.store.write() as w:
                 complete(w, b)
             self.sent_bytes += len(b.data)
+            self.state.sent_bytes += len(b.data)
+            if b.kind == "pack":
+                self.state.uploaded(len(b.data))
             if self.metrics is not None:
                 self.metrics.upload_bytes.inc(len(b.data))
 
@@ -442,6 +580,7 @@ class Writeback:
             while await self.step():
                 pass
             self.last_error = None
+            await self.recount()
 
     async def run(self) -> None:
         """Forever: drain, evict, wait a little or until poked."""
@@ -451,6 +590,7 @@ class Writeback:
         self._wake = trio.Event()
         backoff = 1.0
         next_ckpt = time.monotonic() + CHECKPOINT_INTERVAL
+        await self.recount()
         while True:
             try:
                 if self.checkpoint is not None and time.monotonic() >= next_ckpt:
@@ -466,6 +606,10 @@ class Writeback:
                 if self.metrics is not None:
                     self.metrics.upload_errors.inc()
                 log.warning("upload failed (retrying in %.0f s): %s", backoff, exc)
+                try:
+                    await self.recount()
+                except Exception:
+                    log.exception("cannot count the bytes not yet uploaded")
                 await trio.sleep(backoff)
                 backoff = min(60.0, backoff * 2)
                 continue
@@ -659,7 +803,7 @@ def remote_from_config(config: dict) -> Remote | None:
 
 
 __all__ = [
-    "AccessLog", "Batch", "RefConflict", "Writeback", "complete", "download_metadata",
-    "drain_sync", "evict", "fetch_chunks", "plan", "push_ref", "queue_status",
-    "remote_from_config", "send", "store_fetched",
+    "AccessLog", "Batch", "RefConflict", "UploadState", "Writeback", "complete",
+    "download_metadata", "drain_sync", "evict", "fetch_chunks", "pending_chunk_bytes", "plan",
+    "push_ref", "queue_status", "remote_from_config", "send", "state_of", "store_fetched",
 ]

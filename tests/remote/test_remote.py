@@ -315,3 +315,62 @@ def test_a_flipped_bit_in_the_cache_is_refetched(tmp_path, bucket) -> None:
     assert (out / "f.bin").read_bytes() == data  # served from S3, verified
     report = json.loads(jz("fsck", "--json", "--repo", str(repo), env=env).stdout)
     assert report["ok"]
+
+
+def test_outage_fills_the_cache_then_enospc_until_uploads_drain(tmp_path, s3_fresh,
+                                                                 mounts) -> None:
+    """S3 down: writes go on into the cache up to --cache-size, then ENOSPC
+    (never a cache that grows without bound, never a lost acknowledged byte);
+    once S3 is back and the queue drained, writes work again."""
+    import errno
+
+    s3 = s3_fresh
+    name = s3.make_bucket("enospc")
+    env = s3.env()
+    limit = 24 << 20
+    repo = init_remote(tmp_path, s3, name, "a", "--cache-size", str(limit))
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    mounts.append(m)
+    s3.stop()
+    data = blob(200 << 20, 11)
+    acked = 0
+    err = None
+    fd = os.open(m.main / "filling.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while acked < len(data):
+            try:
+                acked += os.write(fd, data[acked : acked + (1 << 20)])
+            except OSError as exc:
+                err = exc
+                break
+    finally:
+        os.close(fd)
+    assert err is not None and err.errno == errno.ENOSPC, f"no ENOSPC after {acked} bytes"
+    # the cache took about its bound (plus at most a write buffer), not more
+    assert limit // 2 <= acked <= limit + (17 << 20), acked
+    assert (m.main / "filling.bin").read_bytes() == data[:acked]
+    st = json.loads(jz("remote", "status", "--json", cwd=m.main, env=env).stdout)
+    assert st["refusing_writes"] and st["last_error"], st
+    assert st["queued_bytes"] >= limit // 2
+    log = (repo / "run" / "daemon.log").read_text()
+    assert "cache full of data not yet uploaded" in log and "S3 is unreachable" in log
+    with pytest.raises(OSError) as exc_info:
+        (m.main / "another.bin").write_bytes(b"x" * (1 << 20))
+    assert exc_info.value.errno == errno.ENOSPC
+
+    s3.start()
+    jz("sync", "--wait", cwd=m.main, env=env)
+    st = json.loads(jz("remote", "status", "--json", cwd=m.main, env=env).stdout)
+    assert st["queued"]["chunks"] == 0 and not st["refusing_writes"], st
+    more = blob(8 << 20, 12)
+    (m.main / "after.bin").write_bytes(more)  # writes are accepted again
+    assert (m.main / "after.bin").read_bytes() == more
+    assert (m.main / "filling.bin").read_bytes() == data[:acked]
+    jz("commit", "-m", "after the outage", cwd=m.main, env=env)
+    jz("sync", "--wait", cwd=m.main, env=env)
+    clone = tmp_path / "clone"
+    jz("clone", f"s3://{name}/repo", str(clone), env=env)
+    out = tmp_path / "out"
+    jz("export", "main", str(out), "--repo", str(clone), env=env)
+    assert (out / "filling.bin").read_bytes() == data[:acked]
+    assert (out / "after.bin").read_bytes() == more
