@@ -182,16 +182,93 @@ def fetch(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
     out(r, as_json, human)
 
 
+def _progress_wanted() -> bool:
+    """A bar only for a person watching: stderr is a terminal (scripts, pipes
+    and CI logs get the plain lines, and --json output is never touched)."""
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def _bar(total: int) -> Any:
+    import shutil
+
+    from tqdm import tqdm
+
+    # a terminal that reports no size (a fresh pty) would get an empty bar
+    cols = shutil.get_terminal_size((80, 24)).columns or 80
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
+                file=sys.stderr, ncols=min(cols, 100), leave=True, mininterval=0.2)
+
+
+def _sync_with_progress(c: Ctx) -> tuple[dict, dict]:
+    """Run ``sync`` with a progress bar of the queued bytes on stderr.
+
+    With a daemon, the sync runs on one control connection (in a thread)
+    while this thread polls ``remote_status`` on another: the daemon's
+    write-back does the work, the bar only watches its queue shrink.
+    Without one, the upload runs here and reports each pack as it lands.
+    """
+    import threading
+
+    path, _ = c.locate()
+    try:
+        st = control.call(path, "remote_status", {})
+    except FileNotFoundError:
+        with Repository.open(path) as repo:
+            total = repo.remote_status()["queued_bytes"]
+            with _bar(total) as bar:
+                def step(n: int) -> None:
+                    if bar.n + n > bar.total:
+                        bar.total = bar.n + n
+                    bar.update(n)
+
+                sent = repo.sync(progress=step)
+                bar.total = bar.n  # some queued chunks were deduplicated or collected
+                bar.refresh()
+            return sent, repo.remote_status()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["sent"] = control.call(path, "sync", {})
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    total = st["queued_bytes"]
+    with _bar(total) as bar:
+        while t.is_alive():
+            t.join(0.5)
+            with contextlib.suppress(Exception):
+                q = control.call(path, "remote_status", {})["queued_bytes"]
+                bar.total = max(bar.total, bar.n + q)  # writers may add more meanwhile
+                done = bar.total - q
+                if done > bar.n:
+                    bar.update(done - bar.n)
+        if "error" not in box:
+            bar.update(bar.total - bar.n)
+    if "error" in box:
+        raise box["error"]
+    return box["sent"], control.call(path, "remote_status", {})
+
+
 @main.command()
 @click.option("--wait", is_flag=True, help="Return once everything is durable in S3.")
 @repo_options
 @json_option
 @click.pass_obj
 def sync(obj: Ctx, wait: bool, repo_opt: str | None, as_json: bool) -> None:
-    """Upload what is queued; with --wait, until it is all in S3."""
+    """Upload what is queued; with --wait, until it is all in S3.
+
+    On a terminal a progress bar of the queued bytes runs on stderr; piped
+    or with --json the output is plain.
+    """
     c = _ctx(obj, repo_opt)
-    r = c.run("sync")
-    st = c.run("remote_status")
+    if _progress_wanted():
+        r, st = _sync_with_progress(c)
+    else:
+        r = c.run("sync")
+        st = c.run("remote_status")
     res = {"sent": r, "status": st}
 
     def human(res: dict) -> None:
@@ -212,12 +289,23 @@ def remote() -> None:
     """The repository's remote (S3)."""
 
 
+def _meter(label: str, n: int, total: int) -> str:
+    """A one-line bar (tqdm's own rendering) for a terminal."""
+    from tqdm import tqdm
+
+    return tqdm.format_meter(n, total, 0, ncols=72, prefix=label, unit="B", unit_scale=True,
+                             unit_divisor=1024, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}")
+
+
 @remote.command("status")
 @repo_options
 @json_option
 @click.pass_obj
 def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
-    """What is queued for upload, uploaded, and in conflict."""
+    """What is queued for upload, uploading, uploaded, failed, and in conflict.
+
+    On a terminal the cache's fill shows as a bar.
+    """
     st = _ctx(obj, repo_opt).run("remote_status")
 
     def human(st: dict) -> None:
@@ -225,10 +313,20 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
         click.echo(f"remote:   {st['remote'] or '(none)'}")
         click.echo(f"queued:   {q['chunks']} chunks ({_size(st['queued_bytes'])}), "
                    f"{q['objects']} objects, {q['refs']} ref updates")
+        if st.get("writeback_running"):
+            click.echo(f"uploading: {_size(st['uploading_bytes'])} in flight")
         click.echo(f"uploaded: {st['uploaded_objects']} chunks and objects in "
                    f"{st['packs']} packs")
+        if st.get("last_error"):
+            click.echo(f"failed:   {st['last_error']} (retrying with backoff)")
         click.echo(f"cache:    {_size(st['cached_chunk_bytes'])}"
                    + (f" of {_size(st['cache_size'])}" if st["cache_size"] else ""))
+        if st["cache_size"] and sys.stdout.isatty():
+            click.echo(_meter("cache", min(st["cached_chunk_bytes"], st["cache_size"]),
+                              st["cache_size"]))
+        if st.get("refusing_writes"):
+            click.echo("writes:   refused (ENOSPC): the cache is full of data not yet "
+                       "uploaded")
         for cf in st["conflicts"]:
             click.echo(f"conflict: {cf['ref']} local {cf['local'][:12]} remote "
                        f"{cf['remote'][:12]}")
