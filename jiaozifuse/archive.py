@@ -61,6 +61,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -83,9 +84,10 @@ from .car import (
     iter_car,
     read_header,
 )
-from .chunking import ZERO_ID
+from .chunking import ZERO_ID, hash_bytes
 from .commp import CHUNK_IN, CommP, Piece, ThreadedCommP, max_payload, parse_piece_cid
 from .errors import Corrupt, Exists, JiaoziError, NotFound
+from .filecontent import FileContent
 from .objects import (
     EMPTY_MANIFEST,
     EMPTY_MANIFEST_ID,
@@ -95,7 +97,7 @@ from .objects import (
     object_id,
 )
 from .repo import Repository, _write_json_atomic, check_ref_name
-from .store import u64
+from .store import Txn, u64
 from .unixfs import directory_node, file_dag, symlink_node
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,10 @@ K_REF = b"archive/ref/"
 K_RUN = b"archive/run/"
 
 _U64 = struct.Struct(">Q")
+
+
+class Interrupted(JiaoziError):
+    """A run stopped on request (the daemon shuts down); its job stays queued."""
 
 
 def _be(n: int) -> bytes:
@@ -188,11 +194,17 @@ class ManifestOnramp(Onramp):
     def finish(self, pieces: list[dict[str, Any]]) -> None:
         path = self.out_dir / MANIFEST_CSV
         new = not path.exists() or path.stat().st_size == 0
+        listed: set[str] = set()
+        if not new:  # a run resumed after a crash may have listed some pieces already
+            with open(path, newline="") as f:
+                listed = {row.get("piece_cid") or "" for row in csv.DictReader(f)}
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(CSV_COLUMNS)
             for p in pieces:
+                if p["piece_cid"] in listed:
+                    continue
                 w.writerow([p["payload_cid"], p["car_file"], p["piece_cid"], p["piece_size"],
                             p["car_size"], p["piece_cid_v2"], p.get("url", "")])
             f.flush()
@@ -286,8 +298,10 @@ class _Car:
 class _Splitter:
     """Blocks in, CAR files of at most *limit* bytes out."""
 
-    def __init__(self, out_dir: Path, limit: int, run: int, nroots: int = 2) -> None:
+    def __init__(self, out_dir: Path, limit: int, run: int, nroots: int = 2,
+                 stop: threading.Event | None = None) -> None:
         self.out_dir = out_dir
+        self.stop = stop
         self.limit = limit
         self.run = run
         self.nroots = nroots
@@ -295,6 +309,8 @@ class _Splitter:
         self.bytes = 0
 
     def put(self, cid: bytes, data: bytes | memoryview) -> _Car:
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted("archive run interrupted")
         cur = self.cars[-1] if self.cars else None
         entry = cur.writer.entry_size(cid, len(data)) if cur else 0
         if cur is None or (cur.writer.size + entry > self.limit and cur.writer.blocks):
@@ -312,7 +328,7 @@ class _Splitter:
         return cur
 
     def _open(self) -> _Car:
-        tmp = self.out_dir / f".run{self.run}-{len(self.cars):05d}.car.partial"
+        tmp = _temp_car(self.out_dir, self.run, len(self.cars))
         hasher = ThreadedCommP()
         car = _Car(tmp, CarWriter(tmp, self.nroots, observer=hasher.write), hasher)
         self.cars.append(car)
@@ -345,11 +361,82 @@ class _Frame:
     pending: bytes = b""
 
 
+class _Reader:
+    """The packer's reads: committed state only, each in its own short snapshot.
+
+    Snapshots (never :meth:`Store.read`, which hands out the daemon's write
+    batch on the thread that owns it) make packing safe on a worker thread
+    while the mount keeps writing: what a run archives is immutable (commits,
+    trees, manifests, chunks) and was committed before the run started.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.store = repo.store
+
+    def meta(self, key: bytes) -> bytes | None:
+        with self.store.snapshot() as r:
+            return r.get("meta", key)
+
+    def object(self, oid: bytes) -> bytes | None:
+        with self.store.snapshot() as r:
+            raw = r.get_object(oid)
+        return None if raw is None else bytes(raw)
+
+    def chunk(self, cid: bytes) -> bytes | None:
+        """A chunk's bytes, checked against its id (a flipped bit is never archived).
+
+        A chunk missing from (or corrupt in) a cache of a remote is fetched
+        for this run only: storing it would need the writer lock.
+        """
+        with self.store.snapshot() as r:
+            data = r.get_chunk(cid)
+        if data is not None and hash_bytes(data) == cid:
+            return bytes(data)
+        if self.repo.config.get("remote"):
+            from .writeback import fetch_chunks
+
+            return fetch_chunks(self.store, self.repo.remote, [cid]).get(cid)
+        if data is not None:
+            raise Corrupt(f"chunk {cid.hex()[:16]} is corrupt and there is no other copy")
+        return None
+
+    def history(self, head: bytes) -> list[bytes]:
+        """Commits *head* reaches, oldest first (the order of ``repo.log``, reversed)."""
+        commits: dict[bytes, Any] = {}
+        out: list[bytes] = []
+        seen: set[bytes] = set()
+        heap = [head]
+        with self.store.snapshot() as r:
+            def load(k: bytes) -> bool:
+                if k not in commits:
+                    raw = r.get_object(k)
+                    if raw is None:  # history cut by gc retention
+                        return False
+                    commits[k] = decode_commit(bytes(raw))
+                return True
+
+            while heap:
+                heap = [k for k in heap if load(k)]
+                if not heap:
+                    break
+                heap.sort(key=lambda k: commits[k].time_ns)
+                cid = heap.pop()
+                if cid in seen:
+                    continue
+                seen.add(cid)
+                out.append(cid)
+                heap.extend(p for p in commits[cid].parents if p not in seen)
+        out.reverse()
+        return out
+
+
 class _Packer:
     """Walks commits and streams every not-yet-archived block into the splitter."""
 
     def __init__(self, repo: Repository, splitter: _Splitter) -> None:
         self.repo = repo
+        self.read = _Reader(repo)
         self.out = splitter
         self.emitted: set[bytes] = set()
         self.objects_seen: set[bytes] = set()
@@ -364,8 +451,7 @@ class _Packer:
 
     # lookups in the store (short read transactions: the walk may be long)
     def _meta(self, key: bytes) -> bytes | None:
-        with self.repo.store.read() as r:
-            return r.get("meta", key)
+        return self.read.meta(key)
 
     def _archived(self, cid: bytes) -> bool:
         return cid in self.emitted or self._meta(K_BLOCK + cid) is not None
@@ -386,11 +472,9 @@ class _Packer:
         self.emitted.add(cid)
 
     def _object(self, oid: bytes) -> bytes:
-        with self.repo.store.read() as r:
-            raw = r.get_object(oid)
+        raw = self.read.object(oid)
         if raw is None:
             raise Corrupt(f"object {oid.hex()} is missing from the store")
-        raw = bytes(raw)
         self._add_object(oid, raw)
         return raw
 
@@ -431,7 +515,7 @@ class _Packer:
         hit = self._memo(key)
         if hit is not None:
             return hit
-        fc = self.repo.file_content(manifest_id)
+        fc = FileContent(self.read.chunk, self.read.object, manifest_id)
         if manifest_id != EMPTY_MANIFEST_ID:  # the empty manifest is implicit, never stored
             level, entries = decode_manifest(self._object(manifest_id))
             if level == 1:
@@ -521,6 +605,11 @@ def _ref_key(repo: Repository, ref: str) -> str | None:
     return None
 
 
+def resolve_ref(repo: Repository, ref: str) -> tuple[bytes, str | None]:
+    """(head commit, ``branch/NAME``/``tag/NAME`` or None): on the store's owner thread."""
+    return repo.resolve(ref), _ref_key(repo, ref)
+
+
 def archive(repo: Repository, ref: str, out: str | Path | Onramp,
             target_size: int = DEFAULT_TARGET,
             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -529,18 +618,35 @@ def archive(repo: Repository, ref: str, out: str | Path | Onramp,
     *out* is a directory (the manifest onramp) or an :class:`Onramp`. Returns a
     summary with one entry per piece. Raises :class:`JiaoziError` after
     recording everything if an onramp reported a piece failed.
+
+    The phases (:func:`pack_run`, :func:`record_run`, :func:`submit_pieces`,
+    :func:`apply_replies`) are separate so that the daemon can pack and submit
+    on a worker thread and record on the thread that owns the store's writes
+    (archive_policy.py); here they simply run one after the other.
     """
     onramp = out if isinstance(out, Onramp) else ManifestOnramp(out)
+    limit = payload_limit(target_size)
+    with run_lock(repo):
+        head, ref_key = resolve_ref(repo, ref)
+        packed = pack_run(repo, ref, head, ref_key, onramp, limit, progress)
+        if packed.nothing:
+            return packed.result()
+        for _ in record_run(repo, packed):
+            pass
+        publish_run(packed)
+        replies = submit_pieces(onramp, packed.pieces)
+        return apply_replies(repo, packed, replies)
+
+
+def payload_limit(target_size: int) -> int:
     try:
-        limit = max_payload(target_size)
+        return max_payload(target_size)
     except ValueError as exc:
         raise JiaoziError(f"target size {target_size}: {exc}") from None
-    with _run_lock(repo):
-        return _archive(repo, ref, onramp, limit, progress)
 
 
 @contextlib.contextmanager
-def _run_lock(repo: Repository) -> Iterator[None]:
+def run_lock(repo: Repository) -> Iterator[None]:
     """One archive run at a time per repository (run numbers, piece records)."""
     run_dir = repo.path / "run"
     run_dir.mkdir(exist_ok=True)
@@ -553,23 +659,66 @@ def _run_lock(repo: Repository) -> Iterator[None]:
         yield
 
 
-def _archive(repo: Repository, ref: str, onramp: Onramp, limit: int,
-             progress: Callable[[int], None] | None) -> dict[str, Any]:
-    head = repo.resolve(ref)
-    ref_key = _ref_key(repo, ref)
+_run_lock = run_lock  # the name it had
+
+
+@dataclass
+class PackedRun:
+    """A run packed by :func:`pack_run`: CARs written, nothing recorded yet."""
+
+    run: int
+    ref: str
+    head: bytes
+    refs: dict[str, bytes]
+    onramp: Onramp
+    pieces: list[dict[str, Any]] = field(default_factory=list)
+    #: per piece: the blocks and repository objects in it
+    contents: list[tuple[list[bytes], list[bytes]]] = field(default_factory=list)
+    new_shas: dict[bytes, bytes] = field(default_factory=dict)
+    new_nodes: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    root: bytes = b""
+    meta_cid: bytes = b""
+    blocks: int = 0
+    data_bytes: int = 0
+    commits: int = 0
+    nothing: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def result(self) -> dict[str, Any]:
+        if self.nothing:
+            return {"run": None, "ref": self.ref, "commit": self.head.hex(), "pieces": [],
+                    "message": f"nothing new to archive for {self.ref}"}
+        return {**self.summary, "pieces": self.pieces, "blocks": self.blocks,
+                "data_bytes": self.data_bytes,
+                "car_bytes": sum(p["car_size"] for p in self.pieces),
+                "commits": self.commits}
+
+
+def pack_run(repo: Repository, ref: str, head: bytes, ref_key: str | None, onramp: Onramp,
+             limit: int, progress: Callable[[int], None] | None = None,
+             stop: threading.Event | None = None) -> PackedRun:
+    """Write the CARs of a run: reads committed state only, so any thread may run it.
+
+    The caller holds :func:`run_lock` from here until :func:`record_run` is
+    done (the run number is read here and claimed there). Setting *stop*
+    makes it raise :class:`Interrupted` at the next block (daemon shutdown).
+    """
     onramp.check()
-    commits = [cid for cid, _ in repo.log(head.hex())]
-    commits.reverse()  # oldest first
-    with repo.store.read() as r:
+    read = _Reader(repo)
+    commits = read.history(head)
+    with repo.store.snapshot() as r:
         run = r.counter("archive_run") + 1
         archived_refs = {k[len(K_REF):].decode(): bytes(v) for k, v in r.prefix("meta", K_REF)}
         prev_run = r.get("meta", K_RUN + _be(run - 1))
+    for stale in onramp.out_dir.glob(f".run{run}-*.car.partial"):
+        stale.unlink(missing_ok=True)  # an attempt at this run that a crash cut short
     prev_meta = json.loads(prev_run)["meta_cid"] if prev_run else None
     refs = dict(archived_refs)
     if ref_key:
         refs[ref_key] = head
+    out = PackedRun(run, ref, head, refs, onramp)
 
-    splitter = _Splitter(onramp.out_dir, limit, run)
+    splitter = _Splitter(onramp.out_dir, limit, run, stop=stop)
     packer = _Packer(repo, splitter)
     new_commits: list[list[Any]] = []
     try:
@@ -586,8 +735,8 @@ def _archive(repo: Repository, ref: str, onramp: Onramp, limit: int,
                 root = dir_cid
         packer.flush_pack()
         if not splitter.cars and refs == archived_refs:
-            return {"run": None, "ref": ref, "commit": head.hex(), "pieces": [],
-                    "message": f"nothing new to archive for {ref}"}
+            out.nothing = True
+            return out
         meta_doc = {
             "t": META_TYPE, "v": 1, "run": run, "time_ns": _now(),
             "ref": ref_key or "", "head": head, "root": _link(root),
@@ -599,39 +748,97 @@ def _archive(repo: Repository, ref: str, onramp: Onramp, limit: int,
         meta_cid = cid_v1(DAG_CBOR, meta_enc)
         splitter.put(meta_cid, meta_enc)
         packer.emitted.add(meta_cid)
-        pieces = _finish_cars(splitter, [root, meta_cid], onramp, run, ref, head, progress)
+        out.pieces = _finish_cars(splitter, [root, meta_cid], onramp, run, ref, head, progress)
     except BaseException:
         splitter.abort()
         raise
+    out.contents = [(car.blocks, car.objects) for car in splitter.cars]
+    out.new_shas, out.new_nodes = packer.new_shas, packer.new_nodes
+    out.root, out.meta_cid = root, meta_cid
+    out.blocks, out.data_bytes, out.commits = (len(packer.emitted), packer.data_bytes,
+                                               len(new_commits))
+    return out
 
-    # Record: one transaction per piece (its blocks with it), then the run.
-    for car, p in zip(splitter.cars, pieces, strict=True):
+
+def record_run(repo: Repository, packed: PackedRun,
+               also: Callable[[Txn], None] | None = None) -> Iterator[None]:
+    """Record a packed run: one write transaction per piece (its blocks with it),
+    then one for the memos, refs and the run itself (*also* writes into that
+    last one: the daemon's job record). Yields after each transaction, so that
+    the daemon lets FUSE requests in between.
+    """
+    for (blocks, objects), p in zip(packed.contents, packed.pieces, strict=True):
         with repo.store.write() as w:
             serial = w.add_counter("archive_piece", 1)
             p["serial"] = serial
             w.put("meta", K_PIECE + p["piece_cid"].encode(), json.dumps(p).encode())
             w.put("meta", K_SERIAL + _be(serial), p["piece_cid"].encode())
-            for cid in car.blocks:
+            for cid in blocks:
                 w.put("meta", K_BLOCK + cid, _be(serial))
-            for oid in car.objects:
+            for oid in objects:
                 w.put("meta", K_OBJ + oid, _be(serial))
+        yield
+    onramp = packed.onramp
     with repo.store.write() as w:
-        for cid_, sha in packer.new_shas.items():
+        for cid_, sha in packed.new_shas.items():
             w.put("meta", K_SHA + cid_, sha)
-        for key, (cid, tsize) in packer.new_nodes.items():
+        for key, (cid, tsize) in packed.new_nodes.items():
             w.put("meta", K_NODE + key, cid + _be(tsize))
-        for k, v in refs.items():
+        for k, v in packed.refs.items():
             w.put("meta", K_REF + k.encode(), v)
-        summary = {"run": run, "ref": ref, "commit": head.hex(), "root_cid": cid_str(root),
-                   "meta_cid": cid_str(meta_cid), "pieces": [p["piece_cid"] for p in pieces],
-                   "time_ns": _now(), "onramp": onramp.name, "out": str(onramp.out_dir)}
-        w.put("meta", K_RUN + _be(run), json.dumps(summary).encode())
-        w.set_counter("archive_run", run)
+        packed.summary = {
+            "run": packed.run, "ref": packed.ref, "commit": packed.head.hex(),
+            "root_cid": cid_str(packed.root), "meta_cid": cid_str(packed.meta_cid),
+            "pieces": [p["piece_cid"] for p in packed.pieces], "time_ns": _now(),
+            "onramp": onramp.name, "out": str(onramp.out_dir)}
+        w.put("meta", K_RUN + _be(packed.run), json.dumps(packed.summary).encode())
+        w.set_counter("archive_run", packed.run)
+        if also is not None:
+            also(w)
+    yield
 
-    # Hand the pieces over.
-    failed = []
+
+def _temp_car(out_dir: Path, run: int, index: int) -> Path:
+    return out_dir / f".run{run}-{index:05d}.car.partial"
+
+
+def publish_run(packed: PackedRun) -> None:
+    """Give a recorded run's CARs their names (``<piece CID>.car``): only once
+    the records are durable. A run resumed after a crash finishes what is left."""
+    moved = False
+    for p in packed.pieces:
+        final = Path(p["car_path"])
+        tmp = _temp_car(final.parent, packed.run, int(p["index"]))
+        if tmp.exists():
+            os.replace(tmp, final)
+            moved = True
+    if moved and packed.pieces:
+        fd = os.open(Path(packed.pieces[0]["car_path"]).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def submit_pieces(onramp: Onramp, pieces: list[dict[str, Any]],
+                  stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Hand recorded pieces to the onramp (runs its commands: any thread, no store
+    access); the replies go to :func:`apply_replies`."""
+    replies = []
     for p in pieces:
-        reply = onramp.submit(dict(p))
+        if stop is not None and stop.is_set():
+            raise Interrupted("archive run interrupted before every piece was submitted")
+        replies.append(onramp.submit(dict(p)))
+    onramp.finish(pieces)
+    return replies
+
+
+def apply_replies(repo: Repository, packed: PackedRun, replies: list[dict[str, Any]]
+                  ) -> dict[str, Any]:
+    """Record the onramp's verdicts; raise (after recording) if a piece failed."""
+    failed = []
+    for p, reply in zip(packed.pieces, replies, strict=True):
+        reply = dict(reply)
         state = reply.pop("state", "packed")
         if reply or state != "packed":
             set_state(repo, p["piece_cid"], state, reply or None)
@@ -640,21 +847,37 @@ def _archive(repo: Repository, ref: str, onramp: Onramp, limit: int,
                 p["onramp_reply"] = reply
         if state == "failed":
             failed.append(p)
-    onramp.finish(pieces)
-    result = {**summary, "pieces": pieces, "blocks": len(packer.emitted),
-              "data_bytes": packer.data_bytes, "car_bytes": sum(p["car_size"] for p in pieces),
-              "commits": len(new_commits)}
     if failed:
         raise JiaoziError(
-            f"{len(failed)} of {len(pieces)} piece(s) failed at the {onramp.name} onramp: "
+            f"{len(failed)} of {len(packed.pieces)} piece(s) failed at the "
+            f"{packed.onramp.name} onramp: "
             + ", ".join(f"{p['piece_cid']} ({p.get('onramp_reply', {}).get('error', '')})"
                         for p in failed[:3]))
-    return result
+    return packed.result()
+
+
+def recorded_run(repo: Repository, run: int, onramp: Onramp) -> PackedRun:
+    """A run recorded before a crash cut it short: its pieces the onramp never
+    answered for (still ``packed``), ready for :func:`submit_pieces` again."""
+    with repo.store.snapshot() as r:
+        raw = r.get("meta", K_RUN + _be(run))
+    if raw is None:
+        raise NotFound(f"no archive run {run}")
+    summary = json.loads(raw)
+    mine = [p for p in pieces(repo) if p.get("run") == run]
+    publish_run(PackedRun(run, summary["ref"], b"", {}, onramp, pieces=mine))
+    return PackedRun(run, summary["ref"], bytes.fromhex(summary["commit"]), {}, onramp,
+                     pieces=[p for p in mine if p["state"] == "packed"], summary=summary)
 
 
 def _finish_cars(splitter: _Splitter, roots: list[bytes], onramp: Onramp, run: int, ref: str,
                  head: bytes, progress: Callable[[int], None] | None) -> list[dict[str, Any]]:
-    """Patch the roots into every CAR, compute its piece, rename it to its piece CID."""
+    """Patch the roots into every CAR and compute its piece.
+
+    The CARs keep their temporary names until the run is recorded
+    (:func:`publish_run`): a crash in between leaves no ``*.car`` that no
+    piece record names (restore reads every ``*.car`` of a directory).
+    """
     pieces = []
     for i, car in enumerate(splitter.cars):
         car.seal()
@@ -664,14 +887,12 @@ def _finish_cars(splitter: _Splitter, roots: list[bytes], onramp: Onramp, run: i
             first = f.read(min(car.writer.size, CHUNK_IN))
         piece = car.commp.piece(first)
         name = f"{piece.cid_v1}.car"
-        final = onramp.out_dir / name
-        os.replace(car.tmp, final)
-        car.tmp = final
+        final = onramp.out_dir.resolve() / name
         if progress:
             progress(car.writer.size)
         pieces.append({
             **piece.as_dict(), "payload_cid": cid_str(roots[0]), "meta_cid": cid_str(roots[1]),
-            "car_size": car.writer.size, "car_file": name, "car_path": str(final.resolve()),
+            "car_size": car.writer.size, "car_file": name, "car_path": str(final),
             "url": onramp.url(name), "blocks": car.writer.blocks, "run": run, "index": i,
             "ref": ref, "commit": head.hex(), "state": "packed", "onramp": onramp.name,
             "created_ns": _now(), "updated_ns": _now(),
@@ -1013,6 +1234,7 @@ def op_archive(repo: Repository, ref: str, onramp: str = "manifest", out: str | 
                target_size: int = DEFAULT_TARGET, command: list[str] | None = None,
                url_prefix: str | None = None) -> dict[str, Any]:
     out_dir = Path(out) if out else repo.path / "archive"
+    repo.store.commit_batch()  # packing reads committed state only (see _Reader)
     return archive(repo, ref, make_onramp(onramp, out_dir, command, url_prefix), target_size)
 
 
