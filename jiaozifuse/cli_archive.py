@@ -5,7 +5,12 @@
 main`` packs branch main, ``jiaozifuse archive status`` lists pieces (a ref called
 ``status`` or ``mark`` needs ``archive run status``). Like every other command it
 runs inside the daemon when one serves the repository (the daemon holds the
-store's writer lock), otherwise in this process. cli.py calls :func:`register`.
+store's writer lock), otherwise in this process. ``archive run`` against a
+daemon is queued as a job of the daemon's archive queue (archive_policy.py), so
+that packing runs in a worker thread and never blocks the mount; the CLI waits
+for the job's outcome. ``archive run-queue`` runs the policy's queue without a
+daemon; ``archive policy`` shows (and checks) the policy. cli.py calls
+:func:`register`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import archive as arc
+from . import archive_policy as policy
 from . import control
 from .errors import JiaoziError
 from .repo import Repository, find_repo
@@ -59,7 +66,30 @@ def _run(path: Path, op: str, args: dict[str, Any]) -> Any:
     except FileNotFoundError:
         pass
     with Repository.open(path) as repo:
-        return arc.OPS[op](repo, **args)
+        return {**arc.OPS, **policy.OPS}[op](repo, **args)
+
+
+def _run_archive(path: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """``archive REF``: as a job of the daemon's queue if one serves *path*, else here."""
+    try:
+        job = control.call(path, "archive_submit", args)
+    except FileNotFoundError:
+        with Repository.open(path) as repo:
+            return arc.op_archive(repo, **args)
+    delay = 0.05
+    while True:
+        try:
+            job = control.call(path, "archive_job", {"id": job["id"], "forget": True})
+        except (FileNotFoundError, OSError):
+            raise JiaoziError(f"the mount daemon stopped during the archive run; job "
+                              f"{job['id']} stays queued and runs when the repository is "
+                              "mounted again") from None
+        if job["state"] == "done":
+            return job["result"]
+        if job["state"] == "failed":
+            raise JiaoziError(job.get("error") or "archive run failed")
+        time.sleep(delay)
+        delay = min(0.5, delay * 2)
 
 
 def _emit(data: Any, as_json: bool, human: Any) -> None:
@@ -124,7 +154,7 @@ def run_cmd(ctx: click.Context, ref: str, onramp: str, out: str | None, target_s
     args = {"ref": ref, "onramp": onramp, "target_size": _parse_size(target_size),
             "out": os.path.abspath(out) if out else None, "command": argv,
             "url_prefix": url_prefix}
-    r = _run(path, "archive", args)
+    r = _run_archive(path, args)
 
     def human(r: dict) -> None:
         if not r["pieces"]:
@@ -156,8 +186,67 @@ def status_cmd(ctx: click.Context, repo_opt: str | None, as_json: bool) -> None:
         counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items() if n)
         click.echo(f"{len(s['pieces'])} piece(s){': ' + counts if counts else ''}; "
                    f"{_human(s['piece_bytes'])} of pieces")
+        for j in s.get("queue", []):
+            extra = f", {j['attempts']} failed attempt(s): {j['error']}" if j["error"] else ""
+            click.echo(f"queued: job {j['id']} {j['kind']} {j['ref']} ({j['state']}{extra})")
+        if s.get("policy_error"):
+            click.echo(f"archive policy disabled: {s['policy_error']}")
 
     _emit(s, as_json, human)
+
+
+@archive_group.command("run-queue")
+@repo_option
+@json_option
+@click.pass_context
+def run_queue_cmd(ctx: click.Context, repo_opt: str | None, as_json: bool) -> None:
+    """Run the archive policy's queue now (what the mount daemon does by itself)."""
+    path = _repo_path(ctx, repo_opt)
+    try:
+        r = control.call(path, "archive_run_queue", {})
+    except FileNotFoundError:
+        import trio
+
+        with Repository.open(path) as repo:
+            done = trio.run(policy.drain, repo)
+            r = {"jobs": done, "queue": policy.jobs(repo)}
+
+    def human(r: dict) -> None:
+        if r.get("note"):
+            click.echo(r["note"])
+        for j in r["jobs"]:
+            res = j.get("result") or {}
+            what = (res.get("message") or f"run {res.get('run')}, "
+                    f"{len(res.get('pieces', []))} piece(s)") if j["state"] == "done" \
+                else f"failed: {j['error']}"
+            click.echo(f"job {j['id']} {j['ref']}: {what}")
+        if not r["jobs"] and not r.get("note"):
+            click.echo("nothing queued")
+
+    _emit(r, as_json, human)
+    failed = [j for j in r["jobs"] if j["state"] not in ("done", "dropped")]
+    if failed:
+        raise JiaoziError(f"{len(failed)} archive job(s) failed (they stay queued): "
+                          f"{failed[0]['error']}")
+
+
+@archive_group.command("policy")
+@repo_option
+@json_option
+@click.pass_context
+def policy_cmd(ctx: click.Context, repo_opt: str | None, as_json: bool) -> None:
+    """Show the archive policy of the repository's config.json (an error if it is bad)."""
+    pol = policy.load_policy(_repo_path(ctx, repo_opt))
+    doc = pol.as_dict() if pol else None
+
+    def human(d: dict | None) -> None:
+        if d is None:
+            click.echo("no archive policy (archive.policy in config.json)")
+            return
+        for k, v in d.items():
+            click.echo(f"{k:<12} {v}")
+
+    _emit(doc, as_json, human)
 
 
 @archive_group.command("mark")

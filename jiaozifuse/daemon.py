@@ -482,6 +482,9 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
         nursery.start_soon(trigger_loop)
+        from .archive_policy import archive_loop  # archive policy: Filecoin write-back
+
+        nursery.start_soon(archive_loop, repo)
         if wb is not None:
             # Build the S3 client off the FUSE thread before the first cache miss needs it.
             nursery.start_soon(trio.to_thread.run_sync, lambda: repo.remote)

@@ -283,5 +283,7 @@ def run(repo: Repository, name: str, args: dict[str, Any]) -> Any:
 
 
 from .archive import OPS as ARCHIVE_OPS  # noqa: E402 (the archive ops use the table above)
+from .archive_policy import OPS as ARCHIVE_QUEUE_OPS  # noqa: E402
 
 OPS.update(ARCHIVE_OPS)
+OPS.update(ARCHIVE_QUEUE_OPS)  # archive_status with the queue and policy, archive_submit...
