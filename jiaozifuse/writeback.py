@@ -33,6 +33,7 @@ runs on the caller's thread (the daemon's trio thread, inside its batch).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -52,8 +53,12 @@ from .store import Store, Txn
 log = logging.getLogger("jiaozifuse.writeback")
 
 PACK_TARGET = 32 << 20
+#: Bytes of packs held in memory at once, being planned or uploaded: the
+#: upload path's share of the daemon's memory (its target is 500 MiB RSS).
+#: 4 packs of 32 MiB; planning the next overlaps sending the others.
+MAX_INFLIGHT = 128 << 20
 #: Packs uploaded at once (boto3's own transfers use 10 threads).
-PARALLEL = 8
+PARALLEL = max(1, MAX_INFLIGHT // PACK_TARGET)
 #: Seconds between checkpoints of uncommitted worktrees to the remote: the
 #: most a lost machine can lose of what was closed (plus the upload time).
 CHECKPOINT_INTERVAL = 5.0
@@ -76,13 +81,15 @@ class Batch:
 
 
 def plan(store: Store, after: int, limit: int = PARALLEL) -> list[Batch]:
-    """Read the next batches of the queue (committed state; any thread).
+    """Read the next batches of the queue after seq *after* (committed state;
+    any thread).
 
     Stops before a ref change when there is data to send first, so that the
-    caller can complete the data before the ref goes out.
+    caller can complete the data before the ref goes out.  Chunks are copied
+    once, from LMDB's map straight into the pack buffer.
     """
     out: list[Batch] = []
-    with store.snapshot() as r:
+    with store.snapshot(buffers=True) as r:
         cur = r.cursor("upload")
         if not cur.set_range(_be64(after + 1)):
             return out
@@ -90,6 +97,7 @@ def plan(store: Store, after: int, limit: int = PARALLEL) -> list[Batch]:
         for k, v in cur:
             seq = int.from_bytes(k, "big")
             tag = v[:1]
+            tag = bytes(tag)
             if tag == b"R":
                 if b.seqs or out:
                     break
@@ -135,12 +143,14 @@ def send(remote: Remote, b: Batch, etags: dict[str, str | None]) -> str | None:
     if b.kind == "pack":
         if b.entries:
             name = f"packs/{b.pack_id.hex()}"
-            remote.put(name + ".pack", bytes(b.data))
+            remote.put(name + ".pack", b.data)  # botocore sends a bytearray as it is
             remote.put(name + ".idx", encode_index(b.entries))
     elif b.kind == "opack":
         if b.entries:
             idx = encode_index(b.entries)
-            body = struct.pack("<I", len(idx)) + idx + bytes(b.data)
+            body = bytearray(struct.pack("<I", len(idx)))
+            body += idx
+            body += b.data
             remote.put(f"packs/{b.pack_id.hex()}.opack", body)
     elif b.kind == "ref":
         return remote.cas_ref(b.ref, b.commit, etags.get(b.ref))
@@ -311,21 +321,50 @@ def push_ref(remote: Remote, b: Batch, etags: dict[str, str | None],
 def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes], bool],
                progress: Callable[[int], None] | None = None,
                parallel: int = PARALLEL) -> dict[str, int]:
-    """Upload everything queued, from this thread (CLI ``sync`` without a daemon)."""
+    """Upload everything queued, from this thread (CLI ``sync`` without a daemon).
+
+    A pipeline: the next pack is planned while up to *parallel* are sent,
+    so at most about ``parallel * PACK_TARGET`` bytes are held at once, and
+    packs are completed in queue order.
+    """
     sent = {"packs": 0, "bytes": 0, "refs": 0, "conflicts": 0}
+    inflight: collections.deque[tuple[Batch, concurrent.futures.Future]] = collections.deque()
+
+    def retire() -> None:
+        b, f = inflight.popleft()
+        f.result()
+        with store.write() as w:
+            complete(w, b)
+        sent["packs"] += 1 if b.entries else 0
+        sent["bytes"] += len(b.data)
+        if progress:
+            progress(len(b.data))
+
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        while True:
-            store.commit_batch()
-            batches = plan(store, 0, parallel)
-            if not batches:
-                return sent
-            if batches[0].kind == "wt":
-                send(remote, batches[0], {})
-                with store.write() as w:
-                    complete(w, batches[0])
-                continue
-            if batches[0].kind == "ref":
+        after = 0
+        try:
+            while True:
+                while inflight and (len(inflight) >= parallel or inflight[0][1].done()):
+                    retire()
+                store.commit_batch()
+                batches = plan(store, after, 1)
+                if batches and batches[0].kind in ("pack", "opack"):
+                    b = batches[0]
+                    inflight.append((b, pool.submit(send, remote, b, {})))
+                    after = b.seqs[-1]
+                    continue
+                if inflight:  # a ref or the end: everything before it first
+                    while inflight:
+                        retire()
+                    continue
+                if not batches:
+                    return sent
                 b = batches[0]
+                if b.kind == "wt":
+                    send(remote, b, {})
+                    with store.write() as w:
+                        complete(w, b)
+                    continue
                 for rb in rescue_condemned(store, remote):
                     with store.write() as w:
                         complete(w, rb)
@@ -342,16 +381,9 @@ def drain_sync(store: Store, remote: Remote, is_ancestor: Callable[[bytes, bytes
                 with store.write() as w:
                     complete(w, b, etag)
                 sent["refs"] += 1
-                continue
-            futures = [pool.submit(send, remote, b, {}) for b in batches]
-            for b, f in zip(batches, futures, strict=True):
-                f.result()
-                with store.write() as w:
-                    complete(w, b)
-                sent["packs"] += 1 if b.entries else 0
-                sent["bytes"] += len(b.data)
-                if progress:
-                    progress(len(b.data))
+        finally:
+            for _, f in inflight:
+                f.cancel()
 
 
 def pending_chunk_bytes(store: Store) -> int:
@@ -508,11 +540,64 @@ class Writeback:
             self._wake.set()
 
     async def step(self) -> bool:
-        """Send the next batches; False when the queue was empty."""
+        """Send what is queued up to the next ref change; False when the
+        queue was empty.
+
+        Packs go through a pipeline: the next one is planned (a worker
+        thread) while up to :data:`PARALLEL` are uploaded, and a pack's
+        memory counts against :data:`MAX_INFLIGHT` from planning until it is
+        sent.  A ref or worktree checkpoint at the head of the queue goes out
+        alone, once everything before it is complete.
+        """
         import trio
 
         self.store.commit_batch()  # queued entries become visible to plan()
-        batches = await trio.to_thread.run_sync(plan, self.store, 0, PARALLEL)
+        errors: list[BaseException] = []
+        slots = trio.Semaphore(PARALLEL)
+        remote: Remote | None = None
+        sent_data = False
+
+        async def one(b: Batch) -> None:
+            n = len(b.data)
+            self.state.uploading += n
+            try:
+                await trio.to_thread.run_sync(send, remote, b, {})
+            except Exception as exc:
+                errors.append(exc)
+                return
+            finally:
+                self.state.uploading -= n
+                b.data = bytearray()  # the pack's memory goes now, not with the batch
+                slots.release()
+            with self.store.write() as w:
+                complete(w, b)
+            self.sent_bytes += n
+            self.state.sent_bytes += n
+            if b.kind == "pack":
+                self.state.uploaded(n)
+            if self.metrics is not None:
+                self.metrics.upload_bytes.inc(n)
+
+        after = 0
+        async with trio.open_nursery() as nursery:
+            while not errors:
+                await slots.acquire()
+                batches = await trio.to_thread.run_sync(plan, self.store, after, 1)
+                if not batches or batches[0].kind not in ("pack", "opack"):
+                    slots.release()
+                    break
+                if remote is None:
+                    remote = await trio.to_thread.run_sync(lambda: self.remote)
+                b = batches[0]
+                after = b.seqs[-1]
+                sent_data = True
+                nursery.start_soon(one, b)
+        self.store.commit_batch()
+        if errors:
+            raise errors[0]
+        if sent_data:
+            return True
+        batches = await trio.to_thread.run_sync(plan, self.store, 0, 1)
         if not batches:
             return False
         remote = await trio.to_thread.run_sync(lambda: self.remote)
@@ -523,51 +608,23 @@ class Writeback:
             self.store.commit_batch()
             self.last_checkpoint_ns = time.time_ns()
             return True
-        if batches[0].kind == "ref":
-            b = batches[0]
-            for rb in await trio.to_thread.run_sync(rescue_condemned, self.store, remote):
-                with self.store.write() as w:
-                    complete(w, rb)
-            with self.store.read() as r:
-                etags = remote_etags(r)
-            try:
-                etag = await trio.to_thread.run_sync(
-                    push_ref, remote, b, etags, self.is_ancestor)
-            except RefConflict as exc:
-                log.warning("%s", exc)
-                with self.store.write() as w:
-                    record_conflict(w, b, exc.remote_commit)
-            else:
-                with self.store.write() as w:
-                    complete(w, b, etag)
-            self.store.commit_batch()
-            return True
-        errors: list[BaseException] = []
-
-        async def one(b: Batch) -> None:
-            self.state.uploading += len(b.data)
-            try:
-                await trio.to_thread.run_sync(send, remote, b, {})
-            except Exception as exc:
-                errors.append(exc)
-                return
-            finally:
-                self.state.uploading -= len(b.data)
+        b = batches[0]
+        for rb in await trio.to_thread.run_sync(rescue_condemned, self.store, remote):
             with self.store.write() as w:
-                complete(w, b)
-            self.sent_bytes += len(b.data)
-            self.state.sent_bytes += len(b.data)
-            if b.kind == "pack":
-                self.state.uploaded(len(b.data))
-            if self.metrics is not None:
-                self.metrics.upload_bytes.inc(len(b.data))
-
-        async with trio.open_nursery() as n:
-            for b in batches:
-                n.start_soon(one, b)
+                complete(w, rb)
+        with self.store.read() as r:
+            etags = remote_etags(r)
+        try:
+            etag = await trio.to_thread.run_sync(
+                push_ref, remote, b, etags, self.is_ancestor)
+        except RefConflict as exc:
+            log.warning("%s", exc)
+            with self.store.write() as w:
+                record_conflict(w, b, exc.remote_commit)
+        else:
+            with self.store.write() as w:
+                complete(w, b, etag)
         self.store.commit_batch()
-        if errors:
-            raise errors[0]
         return True
 
     async def drain(self) -> None:
