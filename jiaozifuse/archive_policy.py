@@ -334,6 +334,14 @@ async def durable(repo: Repository) -> None:
         repo.store.commit_batch()
 
 
+async def ready(repo: Repository) -> None:
+    """Wait, without blocking the trio thread, for a group commit in flight (a store
+    with a commit thread makes the next read wait for it otherwise)."""
+    ready_async = getattr(repo.store, "ready_async", None)
+    if ready_async is not None:
+        await ready_async()
+
+
 async def _offload(fn: Callable[[], T], stop: threading.Event) -> T:
     """Run *fn* in a worker thread. Cancelled (the daemon stops), it asks *fn* to
     stop and waits for the thread to end, so the store is never closed under it."""
@@ -385,11 +393,13 @@ async def run_job(repo: Repository, job: dict[str, Any],
             if job.get("run"):
                 packed = arc.recorded_run(repo, int(job["run"]), onramp)
             else:
+                await ready(repo)
                 head, ref_key = _head_of(repo, job)
                 await durable(repo)  # the worker reads what is committed
                 packed = await _offload(
                     lambda: arc.pack_run(repo, job["ref"], head, ref_key, onramp, limit,
                                          stop=stop), stop)
+                await ready(repo)
                 if not packed.nothing:
                     def mark(w: Any) -> None:
                         job["run"] = packed.run
@@ -397,6 +407,7 @@ async def run_job(repo: Repository, job: dict[str, Any],
 
                     for _ in arc.record_run(repo, packed, also=mark):
                         await trio.lowlevel.checkpoint()  # FUSE requests in between
+                        await ready(repo)
                     await durable(repo)
             if packed.nothing:
                 result = packed.result()
@@ -406,6 +417,7 @@ async def run_job(repo: Repository, job: dict[str, Any],
                     return arc.submit_pieces(onramp, packed.pieces, stop)
 
                 replies = await _offload(hand_over, stop)
+                await ready(repo)
                 job["run"] = None
                 result = arc.apply_replies(repo, packed, replies)
     except _Gone as exc:
@@ -517,6 +529,7 @@ async def archive_loop(repo: Repository, interval: float = 1.0,
         n = 0
         while True:
             try:
+                await ready(repo)
                 policy = watcher.current()
                 await refill(repo, policy, sizes)
                 job = due(repo)
