@@ -200,6 +200,7 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
         lock = _Lock(run_dir / "daemon.lock")
         _check_mountpoint(opts.mountpoint)
         repo = Repository.open(opts.repo)
+        repo.store.use_commit_thread()
         repo.store.begin_batch()
         orphans = repo.worktree.clean_orphans()
         if orphans:
@@ -463,7 +464,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         while True:
             await trio.sleep(COMMIT_INTERVAL)
             try:
-                ops.repo.store.commit_batch()
+                await ops.repo.store.commit_async()
             except JiaoziError as exc:
                 log.error("group commit failed: %s", exc)
             ticks += 1

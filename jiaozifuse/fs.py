@@ -77,6 +77,8 @@ NEG_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
 #: A file's write buffer is chunked in the background once it holds this much.
 SPILL_BYTES = 16 << 20
+#: chunked bytes of one file kept in memory while a batch commit runs (see _spill)
+PENDING_MAX = 64 << 20
 #: How far ahead a sequential reader's chunks are fetched from the remote.
 READAHEAD = 32 << 20
 
@@ -523,8 +525,9 @@ class Ops(pyfuse3.Operations):
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self.settle_all()
+        await self.repo.store.ready_async()
         self.wt.flush_all()
-        self.repo.store.sync()
+        await self.repo.store.sync_async()
 
     # ------------------------------------------------------------ namespace
 
@@ -822,7 +825,18 @@ class Ops(pyfuse3.Operations):
                     if pieces is None:
                         pieces = _chunk_all(plan.buf)
                     of.content.finish_write(plan, pieces)
-                    self.wt.store_pending(of)
+                    store = self.repo.store
+                    held = sum(map(len, of.content.pending.values()))
+                    if store.committing and held < PENDING_MAX:
+                        # A commit is writing the previous batch: keep these
+                        # chunks in memory (reads find them there) and let the
+                        # next spill or the close store them, so chunking and
+                        # the commit's disk I/O overlap instead of alternating.
+                        pass
+                    else:
+                        with contextlib.suppress(trio.Cancelled):
+                            await store.ready_async()
+                        self.wt.store_pending(of)
             except Exception as exc:
                 log.error("background write of inode %d failed: %s", ino, exc)
                 of.error = exc
@@ -852,9 +866,10 @@ class Ops(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is not None and not h.snapshot and h.writable:
             await self.settle(h.ino)
+            await self.repo.store.ready_async()
             self.wt.flush(h.ino)
             if not self.lazy_close and h.wrote:
-                self.repo.store.commit_batch()
+                await self.repo.store.commit_async()
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -862,8 +877,9 @@ class Ops(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is not None and not h.snapshot:
             await self.settle(h.ino)
+            await self.repo.store.ready_async()
             self.wt.flush(h.ino)
-        self.repo.store.sync()
+        await self.repo.store.sync_async()
 
     @handler
     async def release(self, fh: int) -> None:

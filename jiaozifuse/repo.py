@@ -1046,7 +1046,7 @@ class Repository:
                     count += 1
                 # other types (sockets, devices, fifos) are skipped
 
-        own_batch = self.store._batch is None
+        own_batch = not self.store.in_batch()
         if own_batch:
             # One durable commit per 64 MiB instead of several per file.
             self.store.begin_batch()

@@ -28,6 +28,17 @@ Concurrency and durability rules (the rest of the code relies on them):
   into batches (:meth:`Store.begin_batch`) committed on close-after-write,
   fsync and a short timer, so the cost of a durable commit (0.4 to 3 ms on
   a shared disk) is paid per close, not per FUSE request.
+* In the daemon the batch is begun and committed by one dedicated thread
+  (:meth:`Store.use_commit_thread`): LMDB's writer mutex belongs to the
+  thread that locked it, so a batch must be committed by the thread that
+  began it, and that thread must not be the trio thread or every commit's
+  pwrite + fdatasync (tens of ms for a 16 MiB spill) would stall all FUSE
+  requests.  The trio thread does its nested transactions inside the batch
+  as before.  While a commit is in flight there is no batch: the trio
+  thread's next :meth:`read`/:meth:`write` waits for it (blocking), so
+  code that can wait asynchronously calls :meth:`commit_async` or
+  :meth:`ready_async` first.  FUSE requests that need no store access
+  (buffered writes, reads of write buffers) go on during a commit.
 * Read transactions see a consistent snapshot and never block writers.
 * A full disk or full map surfaces as :class:`StoreFull`; LMDB aborts the
   transaction, so nothing half-written remains.
@@ -35,7 +46,9 @@ Concurrency and durability rules (the rest of the code relies on them):
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -52,6 +65,8 @@ DBS = (
     "events", "located", "access",
 )
 MAP_SIZE = 1 << 40  # address space only; the file grows as data arrives
+
+log = logging.getLogger(__name__)
 
 _U64 = struct.Struct("<Q")
 #: refs shared through the remote (worktree roots, ``wt/``, stay local)
@@ -177,6 +192,11 @@ class Store:
         self.commits = 0
         #: called with the error when a batch commit fails (its work is lost)
         self.failure_hooks: list[Callable[[Exception], None]] = []
+        #: the thread that begins and commits batches (daemon), see use_commit_thread
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        #: a batch commit running in the commit thread: (new batch, error)
+        self._inflight: concurrent.futures.Future[
+            tuple[lmdb.Transaction | None, Exception | None]] | None = None
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -242,11 +262,15 @@ class Store:
             return
         _OPEN.pop(self.path.resolve(), None)
         self.end_batch()
+        if self._committer is not None:
+            self._committer.shutdown()
+            self._committer = None
         self.env.close()
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
         """A read transaction; inside a batch, the batch itself (it sees its own writes)."""
+        self._settle()
         if self._batch is not None:
             yield Txn(self._batch, self.dbs, self.queue_uploads)
             return
@@ -272,6 +296,7 @@ class Store:
         on its own (an error undoes exactly this operation), durable when the
         batch is committed.
         """
+        self._settle()
         try:
             if self._batch is not None:
                 txn = self.env.begin(write=True, parent=self._batch)
@@ -294,23 +319,108 @@ class Store:
         if self._batch is not None:
             self.batch_dirty = True
 
+    def use_commit_thread(self) -> None:
+        """Begin and commit batches in a dedicated thread from now on (the daemon).
+
+        See the module docstring: the commit's I/O then runs beside the trio
+        thread instead of on it.  Call before :meth:`begin_batch`.
+        """
+        assert self._batch is None and self._committer is None
+        self._committer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="lmdb-commit")
+
+    @property
+    def committing(self) -> bool:
+        """A batch commit is running in the commit thread (the store waits for it)."""
+        return self._inflight is not None
+
+    def in_batch(self) -> bool:
+        return self._batch is not None or self._inflight is not None
+
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=True)
+        except lmdb.Error as exc:
+            raise _translate(exc, self.path) from None
+
     def begin_batch(self) -> None:
         """Group later write transactions into one, committed by :meth:`commit_batch`.
 
         This is the daemon's group commit: one durable LMDB commit (about a
         millisecond here) per close, fsync or timer tick, instead of one per
-        FUSE request.  The batch holds LMDB's writer lock, so only the thread
-        that began it may use the store until :meth:`end_batch`.
+        FUSE request.  The batch holds LMDB's writer lock: only the thread
+        that began it (or, with a commit thread, the thread that uses it)
+        may use the store until :meth:`end_batch`.
         """
+        self._settle()
         if self._batch is None:
-            try:
-                self._batch = self.env.begin(write=True)
-            except lmdb.Error as exc:
-                raise _translate(exc, self.path) from None
+            if self._committer is not None:
+                self._batch = self._committer.submit(self._begin).result()
+            else:
+                self._batch = self._begin()
             self.batch_dirty = False
+
+    def _commit_and_begin(self, batch: lmdb.Transaction,
+                          again: bool) -> tuple[lmdb.Transaction | None, Exception | None]:
+        """Commit *batch* and begin the next one, in one thread (the mutex owner)."""
+        err: Exception | None = None
+        try:
+            batch.commit()
+        except lmdb.Error as exc:
+            err = _translate(exc, self.path)
+        except Exception as exc:  # pragma: no cover - defensive: never lose the lock state
+            err = exc
+        new = None
+        if again:
+            try:
+                new = self._begin()
+            except Exception as exc:
+                err = err or exc
+        return new, err
+
+    def _start_commit(self, again: bool = True) -> concurrent.futures.Future[
+            tuple[lmdb.Transaction | None, Exception | None]]:
+        assert self._committer is not None and self._batch is not None
+        batch, self._batch = self._batch, None
+        self.batch_dirty = False
+        fut = self._committer.submit(self._commit_and_begin, batch, again)
+        self._inflight = fut
+        return fut
+
+    def _reap(self, fut: concurrent.futures.Future[
+            tuple[lmdb.Transaction | None, Exception | None]]) -> None:
+        """Take the result of a finished commit; raise its error (every waiter does)."""
+        new, err = fut.result()
+        if self._inflight is fut:
+            self._inflight = None
+            self._batch = new
+            if err is None:
+                self.commits += 1
+            else:
+                for hook in self.failure_hooks:
+                    hook(err)
+        if err is not None:
+            raise err
+
+    def _settle(self) -> None:
+        """Wait (blocking) for a commit in flight; its error went to the hooks."""
+        fut = self._inflight
+        if fut is not None:
+            try:
+                self._reap(fut)
+            except Exception as exc:
+                log.error("batch commit failed: %s", exc)
 
     def commit_batch(self) -> None:
         """Make everything written so far durable, and start a new batch."""
+        if self._committer is not None:
+            fut = self._inflight
+            if fut is None:
+                if self._batch is None or not self.batch_dirty:
+                    return
+                fut = self._start_commit()
+            self._reap(fut)
+            return
         if self._batch is None or not self.batch_dirty:
             return
         batch, self._batch = self._batch, None
@@ -328,14 +438,59 @@ class Store:
         finally:
             self.begin_batch()
 
+    async def commit_async(self) -> None:
+        """:meth:`commit_batch` without blocking the trio thread during the I/O.
+
+        Everything the calling task wrote before the call is durable when it
+        returns.  Concurrent callers share one commit when they can.
+        """
+        if self._committer is None:
+            self.commit_batch()
+            return
+        fut = self._inflight
+        if fut is None:
+            if self._batch is None or not self.batch_dirty:
+                return
+            fut = self._start_commit()
+        await _wait_future(fut)
+        self._reap(fut)
+
+    async def ready_async(self) -> None:
+        """Wait without blocking for a commit in flight (before using the store)."""
+        fut = self._inflight
+        if fut is not None:
+            await _wait_future(fut)
+            self._settle()
+
+    async def sync_async(self) -> None:
+        """:meth:`sync` without blocking the trio thread."""
+        await self.commit_async()
+        import trio
+
+        try:
+            await trio.to_thread.run_sync(self.env.sync, True)
+        except lmdb.Error as exc:
+            raise _translate(exc, self.path) from None
+
     def abort_batch(self) -> None:
         """Drop everything written since the last commit of the batch."""
+        self._settle()
         if self._batch is not None:
-            self._batch.abort()
-            self._batch = None
+            batch, self._batch = self._batch, None
+            if self._committer is not None:
+                self._committer.submit(batch.abort).result()
+            else:
+                batch.abort()
             self.batch_dirty = False
 
     def end_batch(self) -> None:
+        self._settle()
+        if self._batch is not None and self._committer is not None:
+            if self.batch_dirty:
+                self._reap(self._start_commit(again=False))
+            else:
+                self.abort_batch()
+            return
         if self._batch is not None:
             self.commit_batch()
             if self._batch is not None:
@@ -359,6 +514,25 @@ def _disk_full(path: Path, slack: int = 1 << 20) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < slack
+
+
+async def _wait_future(fut: concurrent.futures.Future[object]) -> None:
+    """Wait in trio for a future completed by another thread."""
+    if fut.done():
+        return
+    import trio
+
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: object) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    fut.add_done_callback(wake)
+    await done.wait()
 
 
 #: Stores open in this process, by path (LMDB: one environment per file per process).
