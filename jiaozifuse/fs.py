@@ -837,6 +837,7 @@ class Ops(pyfuse3.Operations):
                         with contextlib.suppress(trio.Cancelled):
                             await store.ready_async()
                         self.wt.store_pending(of)
+                        store.commit_soon()
             except Exception as exc:
                 log.error("background write of inode %d failed: %s", ino, exc)
                 of.error = exc

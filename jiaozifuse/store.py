@@ -455,6 +455,17 @@ class Store:
         await _wait_future(fut)
         self._reap(fut)
 
+    def commit_soon(self) -> None:
+        """Start committing the batch in the commit thread if it is idle; do not wait.
+
+        Streaming writes call this after storing each spill, so the commit
+        thread writes one batch while the next is being filled, instead of
+        idling until the next group-commit tick.
+        """
+        if (self._committer is not None and self._inflight is None
+                and self._batch is not None and self.batch_dirty):
+            self._start_commit()
+
     async def ready_async(self) -> None:
         """Wait without blocking for a commit in flight (before using the store)."""
         fut = self._inflight
