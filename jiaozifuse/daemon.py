@@ -470,6 +470,10 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             ticks += 1
             if ops.metrics is not None and ticks % 20 == 0:
                 ops.metrics.refresh_lag()
+            if _rss_file() > RSS_FILE_LIMIT:
+                # Chunk reads leave LMDB's file pages mapped in this process:
+                # page cache, but counted in its RSS (see release_mapped_pages).
+                ops.repo.store.release_mapped_pages()
 
     async def fuse_main() -> None:
         await pyfuse3.main(min_tasks=1, max_tasks=16)
@@ -497,6 +501,22 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         if wb is not None:
             nursery.start_soon(wb.run)
         tell("ready")
+
+
+#: LMDB file pages mapped in the daemon above which it unmaps them (they stay cached)
+RSS_FILE_LIMIT = 128 << 20
+
+
+def _rss_file() -> int:
+    """Bytes of file-backed pages mapped in this process (RssFile), 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
