@@ -335,7 +335,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                 if rules:
                     # a trigger ran: make its record and the acknowledgement durable
                     # now; events no rule matched ride on the group commit.
-                    repo.store.commit_batch()
+                    await repo.store.commit_async()
 
     async def forward_loop(fwd: Any) -> None:
         """Send events to the broker; acknowledged in the log only once sent."""
@@ -380,7 +380,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             result = {"branch": branch, **opsmod.commit_dict(cid, repo.get_commit(cid))}
             if not args.get("wait"):
                 return result
-            repo.store.commit_batch()
+            await repo.store.commit_async()
             if wb is None:
                 raise JiaoziError("this repository has no remote")
             await wb.drain()
@@ -424,7 +424,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     return
                 await ops.settle_all()
                 result = await run_op(name, args)
-                ops.repo.store.commit_batch()
+                await ops.repo.store.commit_async()
                 reply = control.encode_reply(result)
             except JiaoziError as exc:
                 reply = control.encode_reply(error=exc)

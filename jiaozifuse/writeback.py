@@ -522,7 +522,7 @@ class Writeback:
         st.last_error = self.last_error
         if not self.cache_size:
             return
-        self.store.commit_batch()  # the count sees every chunk stored so far
+        await self.store.commit_async()  # the count sees every chunk stored so far
         before = st.written
         pending = await trio.to_thread.run_sync(pending_chunk_bytes, self.store)
         st.pending = pending
@@ -551,7 +551,7 @@ class Writeback:
         """
         import trio
 
-        self.store.commit_batch()  # queued entries become visible to plan()
+        await self.store.commit_async()  # queued entries become visible to plan()
         errors: list[BaseException] = []
         slots = trio.Semaphore(PARALLEL)
         remote: Remote | None = None
@@ -592,7 +592,7 @@ class Writeback:
                 after = b.seqs[-1]
                 sent_data = True
                 nursery.start_soon(one, b)
-        self.store.commit_batch()
+        await self.store.commit_async()
         if errors:
             raise errors[0]
         if sent_data:
@@ -605,7 +605,7 @@ class Writeback:
             await trio.to_thread.run_sync(send, remote, batches[0], {})
             with self.store.write() as w:
                 complete(w, batches[0])
-            self.store.commit_batch()
+            await self.store.commit_async()
             self.last_checkpoint_ns = time.time_ns()
             return True
         b = batches[0]
@@ -624,7 +624,7 @@ class Writeback:
         else:
             with self.store.write() as w:
                 complete(w, b, etag)
-        self.store.commit_batch()
+        await self.store.commit_async()
         return True
 
     async def drain(self) -> None:
@@ -656,7 +656,7 @@ class Writeback:
                 await self.drain()
                 backoff = 1.0
                 if self.cache_size:
-                    self.store.commit_batch()
+                    await self.store.commit_async()
                     evict(self.store, self.cache_size, self.access)
             except Exception as exc:  # an outage: keep everything queued, retry later
                 self.last_error = str(exc)
