@@ -455,9 +455,11 @@ class JiaozifuseRemoteTarget(common.JiaozifuseTarget):
     def durable(self) -> None:
         self._run("sync", "--wait", "--repo", str(self.repo), timeout=3600)
 
-    def commit(self, message: str) -> None:
+    def commit(self, message: str, wait: bool = False) -> None:
+        """``jiaozifuse commit``; with *wait* it returns once the commit is durable in S3."""
+        extra = ["--wait"] if wait else []
         self._run("commit", "-m", message, "--repo", str(self.repo), "-b", self.branch,
-                  timeout=3600)
+                  *extra, timeout=3600)
 
     def rss_pids(self) -> list[int]:
         return [p for p in self.pids if common.pid_alive(p)]
