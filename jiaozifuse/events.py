@@ -63,6 +63,7 @@ class EventLog:
         self.max_age_s = max_age_s
         self.enabled = True
         self._appended = 0
+        self._trimmed_ns = 0
 
     # ------------------------------------------------------------------ write
 
@@ -76,7 +77,14 @@ class EventLog:
         event.update({k: v for k, v in fields.items() if v is not None})
         t.txn.put(_be(seq), encode(event), db=t._dbs["events"])
         self._appended += 1
-        if self._appended % 1024 == 1:  # the first append of a process, then every 1,024
+        now = event["time_ns"]
+        # Retention runs on the first append of a process, then every 1,024
+        # appends or once the oldest event may have aged out (a trim with
+        # nothing to drop is one cursor step), so a quiet daemon keeps no
+        # event much longer than max_age_s.
+        if (self._appended % 1024 == 1
+                or now - self._trimmed_ns > min(self.max_age_s / 2, 1.0) * 1e9):
+            self._trimmed_ns = now
             self.trim(t)
         return seq
 
