@@ -470,9 +470,16 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             ticks += 1
             if ops.metrics is not None and ticks % 20 == 0:
                 ops.metrics.refresh_lag()
+
+    async def unmap_read_pages() -> None:
+        # Chunk reads (FUSE reads, upload packing) leave LMDB's file pages
+        # mapped in this process: page cache, but counted in its RSS (see
+        # Store.release_mapped_pages).  Its own task: a group commit can
+        # take a while under heavy writes, and so can the upload planning
+        # that touches most pages.
+        while True:
+            await trio.sleep(COMMIT_INTERVAL)
             if _rss_file() > RSS_FILE_LIMIT:
-                # Chunk reads leave LMDB's file pages mapped in this process:
-                # page cache, but counted in its RSS (see release_mapped_pages).
                 ops.repo.store.release_mapped_pages()
 
     async def fuse_main() -> None:
@@ -486,6 +493,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         ops.nursery = nursery
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
+        nursery.start_soon(unmap_read_pages)
         nursery.start_soon(trigger_loop)
         from .archive_policy import archive_loop  # archive policy: Filecoin write-back
 
@@ -504,7 +512,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
 
 
 #: LMDB file pages mapped in the daemon above which it unmaps them (they stay cached)
-RSS_FILE_LIMIT = 128 << 20
+RSS_FILE_LIMIT = 64 << 20
 
 
 def _rss_file() -> int:

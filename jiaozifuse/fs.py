@@ -78,9 +78,11 @@ BLKSIZE = 128 * 1024
 #: A file's write buffer is chunked in the background once it holds this much.
 SPILL_BYTES = 16 << 20
 #: chunked bytes of one file kept in memory while a batch commit runs (see _spill)
-PENDING_MAX = 64 << 20
+PENDING_MAX = 16 << 20
 #: How far ahead a sequential reader's chunks are fetched from the remote.
 READAHEAD = 32 << 20
+#: How far ahead a sequential reader's cached chunks are read from disk (MADV_WILLNEED).
+LOCAL_AHEAD = 16 << 20
 
 
 def _chunk_all(buf: bytearray) -> list[tuple[bytes, memoryview]]:
@@ -722,13 +724,17 @@ class Ops(pyfuse3.Operations):
             assert content is not None
             if self.fetcher is not None:
                 await self._prefetch(h, content, off, size)
+            else:
+                self._advise(h, content, off, size)
             return content.read(off, size)
         if h.ino in self.busy:
             await self.settle(h.ino)
-        if self.fetcher is not None:
-            of = self.wt.open_files.get(h.ino)
-            if of is not None:
+        of = self.wt.open_files.get(h.ino)
+        if of is not None:
+            if self.fetcher is not None:
                 await self._prefetch(h, of.content, off, size)
+            else:
+                self._advise(h, of.content, off, size)
         data = self.wt.read(h.ino, off, size)
         if self.metrics is not None:
             self.metrics.read_bytes.labels("cache").inc(len(data))
@@ -758,6 +764,26 @@ class Ops(pyfuse3.Operations):
                 later = [c for c in ahead if not r.has_chunk(c)]
             if later:
                 self.nursery.start_soon(self._fetch_quietly, later)
+            if len(later) < len(ahead):
+                cached = set(ahead).difference(later)
+                self.nursery.start_soon(self._willneed, [c for c in ahead if c in cached])
+
+    def _advise(self, h: Handle, content: FileContent, off: int, size: int) -> None:
+        """Local readahead: on a sequential read, have the kernel read the map
+        pages of the next LOCAL_AHEAD bytes' chunks in the background."""
+        sequential = off == h.next_off
+        h.next_off = off + size
+        if sequential and self.nursery is not None and off + size >= h.ahead:
+            ids = content.ids_in_range(off + size, LOCAL_AHEAD)
+            h.ahead = off + size + LOCAL_AHEAD // 2
+            if ids:
+                self.nursery.start_soon(self._willneed, ids)
+
+    async def _willneed(self, ids: list[bytes]) -> None:
+        try:
+            await trio.to_thread.run_sync(self.repo.store.willneed, ids)
+        except Exception as exc:  # advice only: the read itself faults the pages in
+            log.debug("readahead advice failed: %s", exc)
 
     async def _fetch_quietly(self, ids: list[bytes]) -> None:
         assert self.fetcher is not None

@@ -55,8 +55,8 @@ log = logging.getLogger("jiaozifuse.writeback")
 PACK_TARGET = 32 << 20
 #: Bytes of packs held in memory at once, being planned or uploaded: the
 #: upload path's share of the daemon's memory (its target is 500 MiB RSS).
-#: 4 packs of 32 MiB; planning the next overlaps sending the others.
-MAX_INFLIGHT = 128 << 20
+#: 3 packs of 32 MiB; planning the next overlaps sending the others.
+MAX_INFLIGHT = 96 << 20
 #: Packs uploaded at once (boto3's own transfers use 10 threads).
 PARALLEL = max(1, MAX_INFLIGHT // PACK_TARGET)
 #: Seconds between checkpoints of uncommitted worktrees to the remote: the
@@ -686,9 +686,20 @@ def locate(t: Txn, oid: bytes) -> tuple[bytes, int, int, bytes] | None:
     return pack, off, n, kind
 
 
+#: Largest byte range asked of S3 in one GET when fetching chunks.  A sequential
+#: reader's readahead wants tens of MiB that lie side by side in one pack; as one
+#: GET that is one TCP stream, as parts of this size it is up to 8 in parallel
+#: (boto3's download_file does the same with 8 MiB parts and 10 threads).
+FETCH_PART = 4 << 20
+
+
 def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
                  gap: int = 1 << 20) -> dict[bytes, bytes]:
-    """Fetch chunks from their packs (blocking; any thread).  Verifies every id."""
+    """Fetch chunks from their packs (blocking; any thread).  Verifies every id.
+
+    Chunks close together in a pack (less than *gap* apart) come in one ranged
+    GET of at most :data:`FETCH_PART` bytes; the GETs run in parallel.
+    """
     wanted: dict[bytes, list[tuple[int, int, bytes]]] = {}
     with store.snapshot() as r:
         for cid in set(ids):
@@ -702,7 +713,7 @@ def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
         items.sort()
         start, end, group = items[0][0], items[0][0] + items[0][1], [items[0]]
         for off, n, cid in items[1:]:
-            if off - end <= gap:
+            if off - end <= gap and off + n - start <= FETCH_PART:
                 end = max(end, off + n)
                 group.append((off, n, cid))
             else:

@@ -39,7 +39,7 @@ DURABLE = {
     "native": "fsync (seq) or sync(2) (other workloads): on the local disk",
     "passthrough": "fsync (seq) or sync(2) (other workloads): on the local disk",
     "jiaozifuse": "close, then `jiaozifuse sync --wait` returns (every chunk, object and "
-                  "ref in S3); commits: `commit` then `sync --wait`",
+                  "ref in S3); commits: one `commit --wait` (returns once the commit is in S3)",
     "juicefs": "close() returns: without --writeback, JuiceFS uploads the file's blocks "
                "and commits its metadata (SQLite, local) before close returns",
     "rclone": "close, then rclone's upload queue (`vfs/queue` over --rc) is empty twice "
