@@ -282,8 +282,10 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
                     remote = repo.remote  # built at start-up, in a thread
                     got = await trio.to_thread.run_sync(
                         writeback.fetch_chunks, repo.store, remote, mine, limiter=fetch_limit)
+                    await repo.store.ready_async()  # a commit in flight: wait, not block
                     with repo.store.write() as w:
                         writeback.store_fetched(w, got)
+                    repo.store.note_fresh(got)
                     repo.mark_verified(got)  # fetch_chunks checked every id
             finally:
                 # waiters wake only once the chunks are stored (or the fetch failed)

@@ -751,8 +751,9 @@ class Ops(pyfuse3.Operations):
         h.next_off = off + size
         want = content.ids_in_range(off, size)
         verified = self.repo.verified
-        with self.repo.store.read() as r:
-            missing = [c for c in want if c not in verified and not r.has_chunk(c)]
+        unknown = [c for c in want if c not in verified]
+        missing = [c for c, ok in zip(unknown, self.repo.store.has_chunks(unknown), strict=True)
+                   if not ok]
         if self.metrics is not None:
             self.metrics.cache_hits.inc(len(want) - len(missing))
         if missing:
@@ -760,8 +761,8 @@ class Ops(pyfuse3.Operations):
         if sequential and self.nursery is not None and off + size >= h.ahead:
             ahead = content.ids_in_range(off + size, READAHEAD)
             h.ahead = off + size + READAHEAD // 2
-            with self.repo.store.read() as r:
-                later = [c for c in ahead if not r.has_chunk(c)]
+            later = [c for c, ok in zip(ahead, self.repo.store.has_chunks(ahead), strict=True)
+                     if not ok]
             if later:
                 self.nursery.start_soon(self._fetch_quietly, later)
             if len(later) < len(ahead):

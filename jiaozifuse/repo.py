@@ -252,8 +252,7 @@ class Repository:
         on disk) is never served: it is dropped and fetched again from the
         remote, or, without one, the read fails with Corrupt (EIO).
         """
-        with self.store.read() as r:
-            data = r.get_chunk(cid)
+        data = self.store.get_chunk(cid)
         if data is not None and cid in self.verified:
             self.verified.move_to_end(cid)
             if self.config.get("remote"):

@@ -194,6 +194,9 @@ class Store:
         self.failure_hooks: list[Callable[[Exception], None]] = []
         #: the thread that begins and commits batches (daemon), see use_commit_thread
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        #: fetched chunks stored in the current batch / in the batch being committed
+        self._fresh_batch: dict[bytes, bytes] = {}
+        self._fresh_inflight: dict[bytes, bytes] = {}
         #: a batch commit running in the commit thread: (new batch, error)
         self._inflight: concurrent.futures.Future[
             tuple[lmdb.Transaction | None, Exception | None]] | None = None
@@ -276,6 +279,50 @@ class Store:
             return
         with self.env.begin(buffers=False) as txn:
             yield Txn(txn, self.dbs, self.queue_uploads)
+
+    def get_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk's bytes, without waiting for a commit in flight if it can.
+
+        Chunks are content-addressed, so the committed state cannot hold a
+        stale version of one: while the commit thread writes a batch, a
+        chunk found in a read transaction of the committed state is the
+        right answer, and only a miss (the chunk may be in that batch) has
+        to wait for the commit.  Cold reads from the remote rely on this:
+        every 50 ms the group commit writes the fetched chunks, and the
+        reads of chunks fetched earlier go on meanwhile.
+        """
+        if self._inflight is not None:
+            data = self._fresh_inflight.get(cid)
+            if data is not None:
+                return data
+            with self.env.begin(buffers=False) as txn:
+                data = txn.get(cid, db=self.dbs["chunks"])
+            if data is not None:
+                return data
+        with self.read() as r:
+            return r.get_chunk(cid)
+
+    def note_fresh(self, chunks: dict[bytes, bytes]) -> None:
+        """Chunks just stored in the batch that readers will want soon (fetched ones).
+
+        They are kept in memory until their batch is committed, so that a
+        read of one while that commit runs needs neither the batch nor the
+        commit (see :meth:`get_chunk`).
+        """
+        if self._committer is not None:
+            self._fresh_batch.update(chunks)
+
+    def has_chunks(self, ids: list[bytes]) -> list[bool]:
+        """Which of *ids* are stored; like :meth:`get_chunk`, waits only on a miss."""
+        if self._inflight is not None:
+            with self.env.begin(buffers=False) as txn:
+                cur = txn.cursor(db=self.dbs["chunks"])
+                found = [cur.set_key(c) for c in ids]
+            found = [f or c in self._fresh_inflight for f, c in zip(found, ids, strict=True)]
+            if all(found):
+                return found
+        with self.read() as r:
+            return [r.has_chunk(c) for c in ids]
 
     @contextmanager
     def snapshot(self, buffers: bool = False) -> Iterator[Txn]:
@@ -383,6 +430,7 @@ class Store:
         assert self._committer is not None and self._batch is not None
         batch, self._batch = self._batch, None
         self.batch_dirty = False
+        self._fresh_inflight, self._fresh_batch = self._fresh_batch, {}
         fut = self._committer.submit(self._commit_and_begin, batch, again)
         self._inflight = fut
         return fut
@@ -393,6 +441,7 @@ class Store:
         new, err = fut.result()
         if self._inflight is fut:
             self._inflight = None
+            self._fresh_inflight = {}
             self._batch = new
             if err is None:
                 self.commits += 1
@@ -488,6 +537,7 @@ class Store:
         self._settle()
         if self._batch is not None:
             batch, self._batch = self._batch, None
+            self._fresh_batch = {}
             if self._committer is not None:
                 self._committer.submit(batch.abort).result()
             else:

@@ -238,8 +238,7 @@ class Worktree:
     def read_chunk(self, cid: bytes) -> bytes | None:
         if self._read_chunk_fn is not None:
             return self._read_chunk_fn(cid)
-        with self.store.read() as r:
-            return r.get_chunk(cid)
+        return self.store.get_chunk(cid)
 
     def read_object(self, oid: bytes) -> bytes | None:
         with self.store.read() as r:
