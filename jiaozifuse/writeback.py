@@ -55,8 +55,8 @@ log = logging.getLogger("jiaozifuse.writeback")
 PACK_TARGET = 32 << 20
 #: Bytes of packs held in memory at once, being planned or uploaded: the
 #: upload path's share of the daemon's memory (its target is 500 MiB RSS).
-#: 3 packs of 32 MiB; planning the next overlaps sending the others.
-MAX_INFLIGHT = 96 << 20
+#: 2 packs of 32 MiB; planning the next overlaps sending the other.
+MAX_INFLIGHT = 64 << 20
 #: Packs uploaded at once (boto3's own transfers use 10 threads).
 PARALLEL = max(1, MAX_INFLIGHT // PACK_TARGET)
 #: Seconds between checkpoints of uncommitted worktrees to the remote: the
@@ -83,6 +83,19 @@ class Batch:
 def plan(store: Store, after: int, limit: int = PARALLEL) -> list[Batch]:
     """Read the next batches of the queue after seq *after* (committed state;
     any thread).
+
+    Building a pack reads tens of MiB through LMDB's map; those pages are
+    unmapped from the process again right after (they stay in the page
+    cache), or the daemon's resident set would grow by every pack it sends.
+    """
+    out = _plan(store, after, limit)
+    if any(b.kind == "pack" for b in out):
+        store.release_mapped_pages()
+    return out
+
+
+def _plan(store: Store, after: int, limit: int) -> list[Batch]:
+    """:func:`plan` without the unmapping.
 
     Stops before a ref change when there is data to send first, so that the
     caller can complete the data before the ref goes out.  Chunks are copied
