@@ -400,6 +400,14 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
         return result
 
     async def handle(conn: trio.SocketStream) -> None:
+        # A client that goes away before its reply (killed, timed out) must
+        # never take the daemon down: the op itself is done either way.
+        try:
+            await _handle(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("control client went away before its reply: %s", exc)
+
+    async def _handle(conn: trio.SocketStream) -> None:
         async with conn:
             try:
                 uid = control.peer_uid(conn.socket)  # type: ignore[arg-type]

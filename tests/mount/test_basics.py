@@ -242,3 +242,26 @@ def test_control_socket_refuses_other_users(mnt) -> None:
     for d, mode in opened:
         os.chmod(d, mode)
     assert os.WEXITSTATUS(status) == 0, "a foreign uid was not refused"
+
+
+def test_a_control_client_that_goes_away_does_not_stop_the_daemon(mnt: Mount) -> None:
+    """A CLI killed while the daemon works on its request (``events tail -f``
+    interrupted, a timeout): the reply meets a closed socket, and the mount
+    must go on serving."""
+    import socket
+
+    from jiaozifuse import control
+
+    (mnt.main / "before.txt").write_text("x")
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(control.socket_path(mnt.repo)))
+        s.sendall(json.dumps({"op": "commit", "args": {
+            "branch": "main", "message": "client gone", "allow_empty": True}}).encode() + b"\n")
+        s.close()  # before the daemon can answer
+    assert control.call(mnt.repo, "ping", {}, timeout=10) is not None
+    assert is_mounted(mnt.mnt)
+    (mnt.main / "after.txt").write_text("y")
+    assert (mnt.main / "after.txt").read_text() == "y"
+    log = (mnt.repo / "run" / "daemon.log").read_text()
+    assert "Traceback" not in log, log[-2000:]
