@@ -949,6 +949,8 @@ class Ops(pyfuse3.Operations):
     async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
         if ino < 1024 or ino >= SNAP_BASE or self.read_only:
             raise _erofs()
+        if not name.startswith(XATTR_NAMESPACES) and name not in self._xattrs(ino):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # as getxattr below
         self.wt.setxattr(ino, name, None)
         self._event("attrib", ino=ino, xattr=os.fsdecode(name))
 
@@ -971,6 +973,16 @@ class Ops(pyfuse3.Operations):
     async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
         value = self._xattrs(ino).get(name)
         if value is None:
+            if not name.startswith(XATTR_NAMESPACES):
+                # system.* (POSIX ACLs) and unknown namespaces are refused by
+                # setxattr: say "not supported" here too, as a local filesystem
+                # without ACLs does. ls -l asks for system.posix_acl_access of every
+                # entry; after this answer it stops asking for the whole mount
+                # (coreutils remembers the device), where ENODATA cost one FUSE
+                # round trip per entry. The kernel cannot cache it for us: without
+                # FUSE_POSIX_ACL every inode is ACL_DONT_CACHE, and with it each
+                # READDIRPLUS forgets the cached ACLs of the entries it returns.
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
