@@ -1212,12 +1212,12 @@ def _drop_unreferenced_chunks(repo: Repository) -> None:
                 level, entries = decode_manifest(bytes(raw))
                 if level == 0:
                     used.update(cid for cid, _ in entries)
-        stored = [(bytes(k), len(v)) for k, v in r.prefix("chunks", b"")]
+        stored = list(r.iter_chunks())
     dead = [(k, n) for k, n in stored if k not in used]
     if dead:
         with repo.store.write() as w:
             for k, _ in dead:
-                w.delete("chunks", k)
+                w.delete_chunk(k)
             w.add_counter("chunk_bytes", -sum(n for _, n in dead))
 
 

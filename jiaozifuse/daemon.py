@@ -280,12 +280,16 @@ async def _main(ops: Any, sock_path: Path, tell: Any) -> None:
             try:
                 if mine:
                     remote = repo.remote  # built at start-up, in a thread
-                    got = await trio.to_thread.run_sync(
-                        writeback.fetch_chunks, repo.store, remote, mine, limiter=fetch_limit)
+                    # fetched, verified and written to the chunk log in a worker
+                    # thread; the trio thread records only the locators
+                    got, locs = await trio.to_thread.run_sync(
+                        writeback.fetch_to_log, repo.store, remote, mine, limiter=fetch_limit)
                     await repo.store.ready_async()  # a commit in flight: wait, not block
                     with repo.store.write() as w:
-                        writeback.store_fetched(w, got)
-                    repo.store.note_fresh(got)
+                        unused = writeback.store_fetched_locs(w, locs)
+                    repo.store.log.discard(unused)
+                    gone = set(unused)
+                    repo.store.note_fresh({c: v for c, v in locs.items() if v not in gone})
                     repo.mark_verified(got)  # fetch_chunks checked every id
             finally:
                 # waiters wake only once the chunks are stored (or the fetch failed)

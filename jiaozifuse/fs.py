@@ -89,6 +89,25 @@ def _chunk_all(buf: bytearray) -> list[tuple[bytes, memoryview]]:
     return list(chunk_and_hash(buf))
 
 
+def _chunk_and_log(buf: bytearray, store: Any) -> tuple[list[tuple[bytes, memoryview]],
+                                                         dict[bytes, bytes]]:
+    """Cut and hash a spilled buffer, and write its chunks to the chunk log.
+
+    All in the calling (worker) thread, so that the trio thread only records
+    16-byte locators.  The buffer's last chunk is left out: if the buffer
+    ends where the file does, the next spill cuts it again.  A failed log
+    write (a full disk) is not an error here: the chunks are then stored
+    inline, where the failure is reported with its context.
+    """
+    pieces = _chunk_all(buf)
+    try:
+        locs = store.append_chunks(pieces[:-1])
+    except JiaoziError as exc:
+        log.warning("chunk log write failed, storing inline: %s", exc)
+        locs = {}
+    return pieces, locs
+
+
 #: Which positional arguments of each handler are inode numbers (for the
 #: root alias of single-branch and single-commit mounts).
 INODE_ARGS = {
@@ -840,8 +859,10 @@ class Ops(pyfuse3.Operations):
     async def _spill(self, ino: int, of: Any, plan: Any, done: trio.Event) -> None:
         content = of.content  # if a failed batch replaces it meanwhile, the plan is void
         pieces = None
+        locs: dict[bytes, bytes] = {}
         try:
-            pieces = await trio.to_thread.run_sync(_chunk_all, plan.buf, limiter=self.cpu)
+            pieces, locs = await trio.to_thread.run_sync(
+                _chunk_and_log, plan.buf, self.repo.store, limiter=self.cpu)
         except Exception:
             log.exception("background chunking of inode %d failed; retrying inline", ino)
         finally:
@@ -852,6 +873,8 @@ class Ops(pyfuse3.Operations):
                     if pieces is None:
                         pieces = _chunk_all(plan.buf)
                     of.content.finish_write(plan, pieces)
+                    of.locs.update(locs)
+                    locs = {}
                     store = self.repo.store
                     held = sum(map(len, of.content.pending.values()))
                     if store.committing and held < PENDING_MAX:
@@ -869,6 +892,8 @@ class Ops(pyfuse3.Operations):
                 log.error("background write of inode %d failed: %s", ino, exc)
                 of.error = exc
             finally:
+                if locs:  # the plan was void: nothing will name these
+                    self.repo.store.log.discard(locs.values())
                 of.inflight_end = 0
                 self.busy.pop(ino, None)
                 done.set()

@@ -36,7 +36,7 @@ def fsck(repo: Repository, repair: bool = False, check_remote: bool = False,
     chunks: set[bytes] = set()
     bad_chunks: list[bytes] = []
     with repo.store.read() as r:
-        for cid, data in r.prefix("chunks", b""):
+        for cid, data in r.iter_chunk_data():
             if hash_bytes(data) != cid:
                 bad_chunks.append(bytes(cid))
             chunks.add(bytes(cid))
@@ -58,9 +58,9 @@ def fsck(repo: Repository, repair: bool = False, check_remote: bool = False,
         fixed = False
         if repair:
             with repo.store.write() as w:
-                data = w.get_chunk(cid)
-                if w.txn.delete(cid, db=w._dbs["chunks"]):
-                    w.add_counter("chunk_bytes", -len(data or b""))
+                n = w.delete_chunk(cid)
+                if n:
+                    w.add_counter("chunk_bytes", -n)
             if cid in located:
                 try:
                     repo._read_chunk(cid)

@@ -261,7 +261,7 @@ class Repository:
         if data is not None and hash_bytes(data) != cid:
             log.error("chunk %s in the local cache is corrupt; dropping it", cid.hex())
             with self.store.write() as w:
-                if w.txn.delete(cid, db=w._dbs["chunks"]):
+                if w.delete_chunk(cid):
                     w.add_counter("chunk_bytes", -len(data))
             data = None
             if not self.config.get("remote"):
@@ -1144,7 +1144,7 @@ class Repository:
         with self.store.read() as r:
             stored_chunks = r.counter("chunk_bytes")
             objects_bytes = sum(len(v) for _, v in r.prefix("objects", b""))
-            nchunks = r.txn.stat(r._dbs["chunks"])["entries"]
+            nchunks = r.count_chunks()
         refs = {}
         for kind, table in (("branch", self.branches()), ("tag", self.tags())):
             for name, cid in table.items():

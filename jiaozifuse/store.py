@@ -3,7 +3,9 @@
 Named databases (a key's first bytes say which record it is):
 
 ``meta``      format version, counters (stored bytes), configuration
-``chunks``    chunk id -> bytes
+``chunks``    chunk id -> bytes (small files' chunks, and every chunk of format 1)
+``chunkloc``  chunk id -> where the chunk log holds it (large writes, fetched
+              chunks: see chunklog.py); a chunk is in one of the two
 ``objects``   object id -> encoded object (manifests, trees, commits)
 ``refs``      ``b"branch/NAME"`` / ``b"tag/NAME"`` -> commit id
 ``inodes``    worktree inode number -> inode record (see worktree.py)
@@ -42,6 +44,11 @@ Concurrency and durability rules (the rest of the code relies on them):
 * Read transactions see a consistent snapshot and never block writers.
 * A full disk or full map surfaces as :class:`StoreFull`; LMDB aborts the
   transaction, so nothing half-written remains.
+* Chunk log (chunklog.py): a transaction that puts locators is committed
+  only after :meth:`ChunkLog.sync`, so a committed locator always names
+  durable bytes.  Ranges of deleted chunks are punched out only after the
+  deletion is committed and every read transaction older than it has ended
+  (each read transaction holds a :meth:`ChunkLog.reading` guard).
 """
 
 from __future__ import annotations
@@ -57,12 +64,14 @@ from pathlib import Path
 
 import lmdb
 
+from .chunklog import ChunkLog, unpack_loc
 from .errors import Corrupt, FormatError, JiaoziError, StoreFull
 
-FORMAT_VERSION = 1
+#: 2: chunks may live in the chunk log (``chunkloc``), which format-1 readers miss
+FORMAT_VERSION = 2
 DBS = (
     "meta", "chunks", "objects", "refs", "inodes", "dirents", "dirseq", "orphans", "upload",
-    "events", "located", "access",
+    "events", "located", "access", "chunkloc",
 )
 MAP_SIZE = 1 << 40  # address space only; the file grows as data arrives
 
@@ -88,13 +97,16 @@ def _be64(n: int) -> bytes:
 class Txn:
     """A transaction handle that knows the named databases."""
 
-    __slots__ = ("_dbs", "_new_chunk_bytes", "queue", "txn")
+    __slots__ = ("_dbs", "_new_chunk_bytes", "freed", "log", "queue", "txn")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database],
-                 queue: bool = False) -> None:
+                 queue: bool = False, log: ChunkLog | None = None) -> None:
         self.txn = txn
         self._dbs = dbs
         self._new_chunk_bytes = 0
+        self.log = log
+        #: locators of log chunks deleted in this transaction (freed once committed)
+        self.freed: list[bytes] = []
         #: the repository has a remote: new chunks, objects and ref changes
         #: are queued for upload in the same transaction that stores them,
         #: so a crash can never lose queued work.
@@ -137,20 +149,92 @@ class Txn:
 
     # content
     def get_chunk(self, cid: bytes) -> bytes | None:
-        return self.txn.get(cid, db=self._dbs["chunks"])
+        data = self.txn.get(cid, db=self._dbs["chunks"])
+        if data is None and self.log is not None:
+            loc = self.chunk_loc(cid)
+            if loc is not None:
+                return self.log.read(loc)
+        return data
+
+    def chunk_loc(self, cid: bytes) -> bytes | None:
+        """The chunk log locator of a chunk, None if it is not in the log."""
+        db = self._dbs.get("chunkloc")
+        return None if db is None else self.txn.get(cid, db=db)
 
     def has_chunk(self, cid: bytes) -> bool:
         cur = self.txn.cursor(db=self._dbs["chunks"])
-        return cur.set_key(cid)
+        if cur.set_key(cid):
+            return True
+        return self.chunk_loc(cid) is not None
+
+    def chunk_len(self, cid: bytes) -> int | None:
+        loc = self.chunk_loc(cid)
+        if loc is not None:
+            return unpack_loc(loc)[2]
+        data = self.txn.get(cid, db=self._dbs["chunks"])
+        return None if data is None else len(data)
 
     def put_chunk(self, cid: bytes, data: bytes | memoryview) -> bool:
         """Store a chunk unless present; return True if it was new."""
+        if self.chunk_loc(cid) is not None:
+            return False
         added = self.txn.put(cid, data, db=self._dbs["chunks"], overwrite=False)
         if added:
             self._new_chunk_bytes += len(data)
             if self.queue and not self.is_located(cid):
                 self.enqueue(b"C" + cid)
         return added
+
+    def put_chunk_at(self, cid: bytes, loc: bytes) -> bool:
+        """Record a chunk already written to the chunk log; True if it was new.
+
+        When it was not new, the caller gives the range back
+        (:meth:`ChunkLog.discard`): nothing names it.
+        """
+        if self.txn.cursor(db=self._dbs["chunks"]).set_key(cid):
+            return False
+        added = self.txn.put(cid, loc, db=self._dbs["chunkloc"], overwrite=False)
+        if added:
+            self._new_chunk_bytes += unpack_loc(loc)[2]
+            if self.queue and not self.is_located(cid):
+                self.enqueue(b"C" + cid)
+        return added
+
+    def delete_chunk(self, cid: bytes) -> int:
+        """Delete a chunk wherever it is; return its length (0 if absent).
+
+        Does not touch the ``chunk_bytes`` counter: callers sum what they free.
+        """
+        data = self.txn.get(cid, db=self._dbs["chunks"])
+        if data is not None:
+            self.txn.delete(cid, db=self._dbs["chunks"])
+            return len(data)
+        loc = self.chunk_loc(cid)
+        if loc is not None:
+            self.txn.delete(cid, db=self._dbs["chunkloc"])
+            self.freed.append(bytes(loc))
+            return unpack_loc(loc)[2]
+        return 0
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, int]]:
+        """(id, length) of every stored chunk, inline ones first."""
+        for k, v in self.txn.cursor(db=self._dbs["chunks"]):
+            yield bytes(k), len(v)
+        if "chunkloc" in self._dbs:
+            for k, v in self.txn.cursor(db=self._dbs["chunkloc"]):
+                yield bytes(k), unpack_loc(v)[2]
+
+    def iter_chunk_data(self) -> Iterator[tuple[bytes, bytes]]:
+        """(id, bytes) of every stored chunk (reads the log: for fsck)."""
+        for k, v in self.txn.cursor(db=self._dbs["chunks"]):
+            yield bytes(k), bytes(v)
+        if self.log is not None and "chunkloc" in self._dbs:
+            for k, v in self.txn.cursor(db=self._dbs["chunkloc"]):
+                yield bytes(k), self.log.read(v)
+
+    def count_chunks(self) -> int:
+        return sum(self.txn.stat(self._dbs[db])["entries"] for db in ("chunks", "chunkloc")
+                   if db in self._dbs)
 
     def get_object(self, oid: bytes) -> bytes | None:
         return self.txn.get(oid, db=self._dbs["objects"])
@@ -178,10 +262,20 @@ class Txn:
 class Store:
     """An open LMDB environment with the repository's named databases."""
 
-    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment, readonly: bool = False) -> None:
         self.path = path
         self.env = env
-        self.dbs = {name: env.open_db(name.encode()) for name in DBS}
+        self.dbs = {name: env.open_db(name.encode()) for name in DBS if name != "chunkloc"}
+        try:
+            self.dbs["chunkloc"] = env.open_db(b"chunkloc", create=not readonly)
+        except lmdb.NotFoundError:
+            # A read-only open of a format-1 store, which has no such table
+            # and cannot get one: Txn treats a missing table as empty.
+            pass
+        self.log = ChunkLog(path / "log", readonly=readonly)
+        #: locators freed by nested transactions of the current batch / of the commit in flight
+        self._batch_freed: list[bytes] = []
+        self._inflight_freed: list[bytes] = []
         self._batch: lmdb.Transaction | None = None
         self.batch_dirty = False
         #: set when the repository has a remote (see Txn.queue)
@@ -257,7 +351,14 @@ class Store:
             )
         except lmdb.Error as exc:
             raise _translate(exc, path) from None
-        return cls(path, env)
+        store = cls(path, env, readonly=readonly)
+        if not readonly and not create:
+            with store.read() as r:
+                old = r.get("meta", b"format")
+            if old == b"1":  # format 1 stores only lack the chunk log: upgrade in place
+                with store.write() as w:
+                    w.put("meta", b"format", str(FORMAT_VERSION).encode())
+        return store
 
     def close(self) -> None:
         self.refs -= 1
@@ -268,6 +369,7 @@ class Store:
         if self._committer is not None:
             self._committer.shutdown()
             self._committer = None
+        self.log.close()
         self.env.close()
 
     @contextmanager
@@ -275,10 +377,10 @@ class Store:
         """A read transaction; inside a batch, the batch itself (it sees its own writes)."""
         self._settle()
         if self._batch is not None:
-            yield Txn(self._batch, self.dbs, self.queue_uploads)
+            yield Txn(self._batch, self.dbs, self.queue_uploads, self.log)
             return
-        with self.env.begin(buffers=False) as txn:
-            yield Txn(txn, self.dbs, self.queue_uploads)
+        with self.log.reading(), self.env.begin(buffers=False) as txn:
+            yield Txn(txn, self.dbs, self.queue_uploads, self.log)
 
     def get_chunk(self, cid: bytes) -> bytes | None:
         """A chunk's bytes, without waiting for a commit in flight if it can.
@@ -292,37 +394,54 @@ class Store:
         reads of chunks fetched earlier go on meanwhile.
         """
         if self._inflight is not None:
-            data = self._fresh_inflight.get(cid)
-            if data is not None:
-                return data
-            with self.env.begin(buffers=False) as txn:
-                data = txn.get(cid, db=self.dbs["chunks"])
+            loc = self._fresh_inflight.get(cid)
+            if loc is not None:
+                return self.log.read(loc)
+            with self.snapshot() as r:
+                data = r.get_chunk(cid)
             if data is not None:
                 return data
         with self.read() as r:
             return r.get_chunk(cid)
 
-    def note_fresh(self, chunks: dict[bytes, bytes]) -> None:
-        """Chunks just stored in the batch that readers will want soon (fetched ones).
+    def note_fresh(self, locs: dict[bytes, bytes]) -> None:
+        """Chunks just put in the batch that readers will want soon (fetched ones).
 
-        They are kept in memory until their batch is committed, so that a
-        read of one while that commit runs needs neither the batch nor the
-        commit (see :meth:`get_chunk`).
+        Their locators are kept in memory until their batch is committed, so
+        that a read of one while that commit runs needs neither the batch nor
+        the commit (see :meth:`get_chunk`).  The log never reuses a range, and
+        nothing deletes a chunk before the batch that stored it is committed.
         """
         if self._committer is not None:
-            self._fresh_batch.update(chunks)
+            self._fresh_batch.update(locs)
 
     def has_chunks(self, ids: list[bytes]) -> list[bool]:
         """Which of *ids* are stored; like :meth:`get_chunk`, waits only on a miss."""
         if self._inflight is not None:
-            with self.env.begin(buffers=False) as txn:
-                cur = txn.cursor(db=self.dbs["chunks"])
-                found = [cur.set_key(c) for c in ids]
+            with self.snapshot() as r:
+                found = [r.has_chunk(c) for c in ids]
             found = [f or c in self._fresh_inflight for f, c in zip(found, ids, strict=True)]
             if all(found):
                 return found
         with self.read() as r:
             return [r.has_chunk(c) for c in ids]
+
+    def append_chunks(self, pieces: list[tuple[bytes, bytes | memoryview]]) -> dict[bytes, bytes]:
+        """Write the chunks not yet stored to the chunk log; return id -> locator.
+
+        Any thread (the chunking thread of a large write, a fetch thread): the
+        bytes are copied once, into the page cache, off the trio thread.  The
+        caller records them with :meth:`Txn.put_chunk_at` in a transaction that
+        the next commit makes durable together with the log.  A chunk found in
+        the committed state is skipped (dedup); one stored meanwhile by someone
+        else is found by ``put_chunk_at``, whose caller discards the range.
+        """
+        fresh: dict[bytes, bytes | memoryview] = {}
+        with self.snapshot() as r:
+            for cid, data in pieces:
+                if cid not in fresh and not r.has_chunk(cid):
+                    fresh[cid] = data
+        return self.log.append(fresh.items())
 
     @contextmanager
     def snapshot(self, buffers: bool = False) -> Iterator[Txn]:
@@ -331,8 +450,8 @@ class Store:
         With *buffers*, values are memoryviews into the map (no copy), valid
         only inside the transaction.
         """
-        with self.env.begin(buffers=buffers) as txn:
-            yield Txn(txn, self.dbs)
+        with self.log.reading(), self.env.begin(buffers=buffers) as txn:
+            yield Txn(txn, self.dbs, log=self.log)
 
     @contextmanager
     def write(self) -> Iterator[Txn]:
@@ -351,11 +470,14 @@ class Store:
                 txn = self.env.begin(write=True)
         except lmdb.Error as exc:
             raise _translate(exc, self.path) from None
-        t = Txn(txn, self.dbs, self.queue_uploads)
+        t = Txn(txn, self.dbs, self.queue_uploads, self.log)
+        nested = self._batch is not None
         try:
             yield t
             if t._new_chunk_bytes:
                 t.add_counter("chunk_bytes", t._new_chunk_bytes)
+            if not nested and self.log.dirty:
+                self.log.sync()  # locators committed below must name durable bytes
             txn.commit()
         except lmdb.Error as exc:
             txn.abort()
@@ -363,8 +485,11 @@ class Store:
         except BaseException:
             txn.abort()
             raise
-        if self._batch is not None:
+        if nested:
             self.batch_dirty = True
+            self._batch_freed.extend(t.freed)
+        else:
+            self.log.free(t.freed)
 
     def use_commit_thread(self) -> None:
         """Begin and commit batches in a dedicated thread from now on (the daemon).
@@ -412,7 +537,14 @@ class Store:
         """Commit *batch* and begin the next one, in one thread (the mutex owner)."""
         err: Exception | None = None
         try:
-            batch.commit()
+            self.log.sync()  # before the locators that name those bytes
+        except Exception as exc:
+            err = exc
+        try:
+            if err is None:
+                batch.commit()
+            else:
+                batch.abort()
         except lmdb.Error as exc:
             err = _translate(exc, self.path)
         except Exception as exc:  # pragma: no cover - defensive: never lose the lock state
@@ -431,6 +563,7 @@ class Store:
         batch, self._batch = self._batch, None
         self.batch_dirty = False
         self._fresh_inflight, self._fresh_batch = self._fresh_batch, {}
+        self._inflight_freed, self._batch_freed = self._batch_freed, []
         fut = self._committer.submit(self._commit_and_begin, batch, again)
         self._inflight = fut
         return fut
@@ -443,8 +576,10 @@ class Store:
             self._inflight = None
             self._fresh_inflight = {}
             self._batch = new
+            freed, self._inflight_freed = self._inflight_freed, []
             if err is None:
                 self.commits += 1
+                self.log.free(freed)
             else:
                 for hook in self.failure_hooks:
                     hook(err)
@@ -473,11 +608,18 @@ class Store:
         if self._batch is None or not self.batch_dirty:
             return
         batch, self._batch = self._batch, None
+        freed, self._batch_freed = self._batch_freed, []
         try:
+            try:
+                self.log.sync()
+            except JiaoziError:
+                batch.abort()
+                raise
             batch.commit()
             self.commits += 1
-        except lmdb.Error as exc:
-            err = _translate(exc, self.path)
+            self.log.free(freed)
+        except (lmdb.Error, JiaoziError) as exc:
+            err = _translate(exc, self.path) if isinstance(exc, lmdb.Error) else exc
             # Everything in the batch is gone: whoever holds state that was
             # only in it (open files) must know, or it would later point at
             # data the store never kept.
@@ -538,6 +680,7 @@ class Store:
         if self._batch is not None:
             batch, self._batch = self._batch, None
             self._fresh_batch = {}
+            self._batch_freed = []
             if self._committer is not None:
                 self._committer.submit(batch.abort).result()
             else:
@@ -596,6 +739,7 @@ class Store:
         Any thread (a read snapshot); returns the bytes advised.
         """
         spans: list[tuple[int, int]] = []
+        locs: list[bytes] = []
         with self.snapshot(buffers=True) as r:
             db = self.dbs["chunks"]
             for cid in ids:
@@ -605,7 +749,12 @@ class Store:
                     if addr:
                         spans.append((addr, addr + len(view)))
                     view.release()
-        total = 0
+                else:
+                    loc = r.chunk_loc(cid)
+                    if loc is not None:
+                        locs.append(bytes(loc))
+            # inside the snapshot: the ranges cannot be punched meanwhile
+            total = self.log.willneed(locs)
         for lo, hi in _coalesce(spans):
             lo &= ~(PAGE - 1)
             if _madvise(lo, hi - lo, 3) == 0:  # MADV_WILLNEED
@@ -613,7 +762,8 @@ class Store:
         return total
 
     def disk_usage(self) -> int:
-        return self.env.info()["last_pgno"] * self.env.stat()["psize"]
+        """Bytes the store occupies: LMDB's pages in use and the chunk log's blocks."""
+        return self.env.info()["last_pgno"] * self.env.stat()["psize"] + self.log.disk_usage()
 
 
 def _disk_full(path: Path, slack: int = 1 << 20) -> bool:

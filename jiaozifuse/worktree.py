@@ -36,6 +36,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import cbor2
 
@@ -164,7 +165,7 @@ class OpenFile:
 
     __slots__ = (
         "batch", "buf", "buf_off", "content", "dirty", "error", "inflight_end", "inode",
-        "opens", "written",
+        "locs", "opens", "written",
     )
 
     def __init__(self, inode: Inode, content: FileContent) -> None:
@@ -181,6 +182,9 @@ class OpenFile:
         self.error: BaseException | None = None
         #: the store batch (Store.commits) that last received this file's data
         self.batch = -1
+        #: chunks of this file already written to the chunk log by background
+        #: chunking (fs.py) and not yet recorded: id -> locator
+        self.locs: dict[bytes, bytes] = {}
 
     @property
     def size(self) -> int:
@@ -685,6 +689,9 @@ class Worktree:
         of.opens -= 1
         if of.opens <= 0:
             del self.open_files[ino]
+            if of.locs:  # written to the log, then overwritten before being stored
+                self.store.log.discard(of.locs.values())
+                of.locs = {}
             if of.inode.nlink <= 0:
                 with self.store.write() as w:
                     w.delete("inodes", _be(ino))
@@ -751,8 +758,8 @@ class Worktree:
         out = {k: v for k, v in pending.items() if k != last}
         if out:
             with self.store.write() as w:
-                for cid, data in out.items():
-                    w.put_chunk(cid, data)
+                unused = _put_chunks(w, of, out)
+            self._stored_locs(of, out, unused)
             of.batch = self.store.commits
             # Only once they are stored: a failed write (full disk) keeps them
             # pending, so the content never names a chunk the store lacks.
@@ -784,9 +791,9 @@ class Worktree:
             return False
         of.apply_buffer()
         manifest, objects, chunks = of.content.encode()
+        unused: list[bytes] = []
         with self.store.write() as w:
-            for cid, data in chunks.items():
-                w.put_chunk(cid, data)
+            unused = _put_chunks(w, of, chunks)
             for oid, data in objects.items():
                 w.put_object(oid, data)
             node = of.inode
@@ -802,9 +809,18 @@ class Worktree:
             self._put(w, node)
             if node.nlink > 0:
                 self._dirty(w, node)
+        self._stored_locs(of, chunks, unused)
         of.dirty = False
         of.batch = self.store.commits
         return True
+
+    def _stored_locs(self, of: OpenFile, stored: dict[bytes, Any], unused: list[bytes]) -> None:
+        """After a successful store: forget the recorded locators, give back the unused."""
+        if of.locs:
+            for cid in stored:
+                of.locs.pop(cid, None)
+        if unused:
+            self.store.log.discard(unused)
 
     def flush_all(self) -> None:
         for ino in list(self.open_files):
@@ -886,3 +902,20 @@ def _split(path: str | bytes) -> list[bytes]:
     if b".." in parts:
         raise JiaoziError("paths may not contain '..'", errno.EINVAL)
     return parts
+
+
+def _put_chunks(w: Txn, of: OpenFile, chunks: dict[bytes, Any]) -> list[bytes]:
+    """Store an open file's chunks: by locator when background chunking wrote
+    them to the chunk log already, else inline.  Returns the locators of log
+    copies that turned out not to be needed (the chunk was stored already):
+    the caller discards them once the transaction is committed.
+    """
+    unused: list[bytes] = []
+    for cid, data in chunks.items():
+        loc = of.locs.get(cid)
+        if loc is not None:
+            if not w.put_chunk_at(cid, loc):
+                unused.append(loc)
+        else:
+            w.put_chunk(cid, data)
+    return unused

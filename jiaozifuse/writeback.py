@@ -228,7 +228,6 @@ def queue_status(store: Store) -> dict[str, Any]:
         n = {"chunks": 0, "objects": 0, "refs": 0}
         nbytes = 0
         oldest = None
-        chunks = r._dbs["chunks"]
         for k, v in r.cursor("upload"):
             tag = bytes(v[:1])
             if oldest is None:
@@ -237,8 +236,7 @@ def queue_status(store: Store) -> dict[str, Any]:
                 continue
             if tag == b"C":
                 n["chunks"] += 1
-                data = r.txn.get(bytes(v[1:33]), db=chunks)
-                nbytes += len(data) if data is not None else 0
+                nbytes += r.chunk_len(bytes(v[1:33])) or 0
             elif tag == b"O":
                 n["objects"] += 1
             else:
@@ -407,11 +405,9 @@ def pending_chunk_bytes(store: Store) -> int:
     """
     total = 0
     with store.snapshot(buffers=True) as r:
-        chunks = r._dbs["chunks"]
         for _, v in r.cursor("upload"):
             if v[:1] == b"C":
-                data = r.txn.get(bytes(v[1:33]), db=chunks)
-                total += len(data) if data is not None else 0
+                total += r.chunk_len(bytes(v[1:33])) or 0
     return total
 
 
@@ -763,6 +759,31 @@ def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
     return result
 
 
+def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
+                 ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """Fetch chunks and write them to the chunk log (a worker thread).
+
+    Returns (id -> bytes, id -> locator); record the locators with
+    :func:`store_fetched_locs`.  The bytes are copied into the page cache
+    here, off the trio thread, instead of into an LMDB batch on it.
+    """
+    got = fetch_chunks(store, remote, ids)
+    return got, store.append_chunks(list(got.items()))
+
+
+def store_fetched_locs(t: Txn, locs: dict[bytes, bytes]) -> list[bytes]:
+    """Record fetched chunks written to the log; return the locators not needed."""
+    unused: list[bytes] = []
+    queue, t.queue = t.queue, False  # already in the remote: not queued again
+    try:
+        for cid, loc in locs.items():
+            if not t.put_chunk_at(cid, loc):
+                unused.append(loc)
+    finally:
+        t.queue = queue
+    return unused
+
+
 def store_fetched(t: Txn, chunks: dict[bytes, bytes]) -> None:
     queue, t.queue = t.queue, False  # already in the remote: not queued again
     try:
@@ -855,18 +876,18 @@ def evict(store: Store, limit: int, access: AccessLog | None = None,
     cands: list[tuple[int, bytes, int]] = []
     with store.snapshot(buffers=True) as r:
         located = r._dbs["located"]
-        for cid, data in r.cursor("chunks"):
+        for cid, n in r.iter_chunks():
             if r.txn.get(cid, db=located) is None:
                 continue
             ts = r.get("access", cid)
-            cands.append((int.from_bytes(ts, "big") if ts else 0, bytes(cid), len(data)))
+            cands.append((int.from_bytes(ts, "big") if ts else 0, cid, n))
     cands.sort()
     freed = 0
     with store.write() as w:
         for _, cid, n in cands:
             if used - freed <= target:
                 break
-            if w.txn.delete(cid, db=w._dbs["chunks"]):
+            if w.delete_chunk(cid):
                 w.delete("access", cid)
                 freed += n
         w.add_counter("chunk_bytes", -freed)
@@ -885,6 +906,7 @@ def remote_from_config(config: dict) -> Remote | None:
 
 __all__ = [
     "AccessLog", "Batch", "RefConflict", "UploadState", "Writeback", "complete",
-    "download_metadata", "drain_sync", "evict", "fetch_chunks", "pending_chunk_bytes", "plan",
-    "push_ref", "queue_status", "remote_from_config", "send", "state_of", "store_fetched",
+    "download_metadata", "drain_sync", "evict", "fetch_chunks", "fetch_to_log",
+    "pending_chunk_bytes", "plan", "push_ref", "queue_status", "remote_from_config", "send",
+    "state_of", "store_fetched", "store_fetched_locs",
 ]

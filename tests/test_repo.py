@@ -129,7 +129,7 @@ def test_open_nothing_is_not_found(tmp_path):
         Repository.open(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("fmt", [b"999", b"2"])
+@pytest.mark.parametrize("fmt", [b"999", b"3"])
 def test_store_from_a_future_version_is_format_error(tmp_path, fmt):
     path = tmp_path / "repo"
     with Repository.init(path) as repo, repo.store.write() as w:

@@ -68,10 +68,11 @@ def test_reads_of_committed_chunks_do_not_wait_for_a_commit(store: Store) -> Non
     store.commit_batch()
     fresh_id, fresh = chunk(2)
     new_id, new = chunk(3)
+    locs = store.append_chunks([(fresh_id, fresh)])  # fetched chunks go to the log
     with store.write() as w:
-        w.put_chunk(fresh_id, fresh)
+        assert w.put_chunk_at(fresh_id, locs[fresh_id])
         w.put_chunk(new_id, new)
-    store.note_fresh({fresh_id: fresh})
+    store.note_fresh(locs)
     gate = hold_committer(store)
     try:
         store.commit_soon()

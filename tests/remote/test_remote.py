@@ -90,9 +90,10 @@ def iter_chunks(repo: Path):
 
     env = lmdb.open(str(repo / "store"), max_dbs=32, readonly=True, lock=False)
     try:
-        db = env.open_db(b"chunks", create=False)
-        with env.begin() as t:
-            yield from (k for k, _ in t.cursor(db=db))
+        for name in (b"chunks", b"chunkloc"):  # inline, and in the chunk log
+            db = env.open_db(name, create=False)
+            with env.begin() as t:
+                yield from (k for k, _ in t.cursor(db=db))
     finally:
         env.close()
 
@@ -162,6 +163,9 @@ def test_cache_stays_under_its_bound(tmp_path, bucket, mounts) -> None:
             break
         time.sleep(0.5)
     assert st["cached_chunk_bytes"] <= 8 << 20
+    # and on disk: evicted chunks' ranges of the chunk log are given back
+    log_disk = sum(p.stat().st_blocks * 512 for p in (repo / "store" / "log").glob("*.seg"))
+    assert 0 < log_disk <= (8 << 20) + (4 << 20), log_disk
 
 
 def test_sigkill_while_uploading_resumes(tmp_path, bucket, mounts) -> None:

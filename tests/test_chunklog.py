@@ -1,0 +1,235 @@
+"""The chunk log beside LMDB: durability order, dedup, freeing, crashes, formats."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from jiaozifuse import chunklog
+from jiaozifuse.chunking import hash_bytes
+from jiaozifuse.errors import StoreFull
+from jiaozifuse.store import DBS, Store
+
+
+def chunk(i: int, size: int = 65536) -> tuple[bytes, bytes]:
+    data = i.to_bytes(4, "little") * (size // 4)
+    return hash_bytes(data), data
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store.create(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def put_logged(store: Store, pieces: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    locs = store.append_chunks(pieces)
+    with store.write() as w:
+        for cid, loc in locs.items():
+            assert w.put_chunk_at(cid, loc)
+    return locs
+
+
+def test_logged_chunks_read_back_after_reopen(tmp_path: Path, store: Store) -> None:
+    pieces = [chunk(i) for i in range(40)]
+    put_logged(store, pieces)
+    with store.read() as r:
+        assert r.count_chunks() == 40
+        assert r.counter("chunk_bytes") == 40 * 65536
+        assert dict(r.iter_chunks()) == {cid: 65536 for cid, _ in pieces}
+    store.close()
+    again = Store.open(tmp_path / "store")
+    try:
+        with again.snapshot() as r:
+            for cid, data in pieces:
+                assert r.has_chunk(cid)
+                assert r.get_chunk(cid) == data
+            assert {c: d for c, d in r.iter_chunk_data()} == dict(pieces)
+    finally:
+        again.close()
+
+
+def test_segments_roll_over(monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
+    monkeypatch.setattr(chunklog, "SEGMENT_BYTES", 5 * 65536)
+    pieces = [chunk(i) for i in range(12)]
+    for i in range(0, 12, 2):
+        put_logged(store, pieces[i : i + 2])
+    segs = sorted((store.path / "log").glob("*.seg"))
+    assert len(segs) >= 3
+    assert all(p.stat().st_size <= 5 * 65536 for p in segs)
+    with store.snapshot() as r:
+        assert all(r.get_chunk(c) == d for c, d in pieces)
+
+
+def test_stored_chunks_are_not_written_again(store: Store) -> None:
+    cid, data = chunk(1)
+    with store.write() as w:
+        w.put_chunk(cid, data)  # inline
+    assert store.append_chunks([(cid, data)]) == {}
+    other, odata = chunk(2)
+    locs = store.append_chunks([(other, odata), (other, odata)])
+    assert list(locs) == [other]
+    with store.write() as w:
+        assert w.put_chunk_at(other, locs[other])
+        assert not w.put_chunk(other, odata)  # in the log: not stored inline too
+        assert not w.put_chunk_at(cid, locs[other])  # inline already
+
+
+def test_a_deleted_chunk_is_punched_only_after_older_readers_end(store: Store) -> None:
+    pieces = [chunk(i, 1 << 20) for i in range(4)]
+    put_logged(store, pieces)
+    store.log.sync()
+    usage = store.log.disk_usage()
+    victim, vdata = pieces[1]
+    reader = store.snapshot()
+    r = reader.__enter__()
+    try:
+        with store.write() as w:
+            assert w.delete_chunk(victim) == 1 << 20
+        # the reader's snapshot still names the chunk: its bytes must stay
+        assert r.get_chunk(victim) == vdata
+        assert store.log.disk_usage() == usage
+    finally:
+        reader.__exit__(None, None, None)
+    assert store.log.disk_usage() <= usage - (1 << 20)
+    with store.snapshot() as r2:
+        assert r2.get_chunk(victim) is None
+        assert all(r2.get_chunk(c) == d for c, d in pieces if c != victim)
+
+
+def test_a_failed_log_sync_commits_nothing(monkeypatch: pytest.MonkeyPatch,
+                                           store: Store) -> None:
+    store.use_commit_thread()
+    store.begin_batch()
+    lost: list[Exception] = []
+    store.failure_hooks.append(lost.append)
+    cid, data = chunk(7)
+    locs = store.append_chunks([(cid, data)])
+    with store.write() as w:
+        w.put_chunk_at(cid, locs[cid])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full)
+    with pytest.raises(StoreFull):
+        store.commit_batch()
+    monkeypatch.undo()
+    assert len(lost) == 1 and isinstance(lost[0], StoreFull)
+    with store.snapshot() as r:
+        assert not r.has_chunk(cid)
+    # the store goes on: the same chunk stored again is durable
+    locs = store.append_chunks([(cid, data)])
+    with store.write() as w:
+        assert w.put_chunk_at(cid, locs[cid])
+    store.commit_batch()
+    with store.snapshot() as r:
+        assert r.get_chunk(cid) == data
+    store.end_batch()
+
+
+CRASHER = """
+import os, sys
+from jiaozifuse.store import DBS, Store
+from jiaozifuse.chunking import hash_bytes
+s = Store.open(__import__("pathlib").Path(sys.argv[1]))
+def chunk(i):
+    d = i.to_bytes(4, "little") * 16384
+    return hash_bytes(d), d
+a = [chunk(i) for i in range(100, 110)]
+locs = s.append_chunks(a)
+with s.write() as w:
+    for c, l in locs.items():
+        w.put_chunk_at(c, l)
+b = [chunk(i) for i in range(200, 210)]
+s.use_commit_thread(); s.begin_batch()
+locs = s.append_chunks(b)
+with s.write() as w:
+    for c, l in locs.items():
+        w.put_chunk_at(c, l)
+os.kill(os.getpid(), 9)  # before the batch holding b is committed
+"""
+
+
+def test_sigkill_keeps_committed_chunks_and_no_uncommitted_locator(
+        tmp_path: Path, store: Store) -> None:
+    store.close()
+    proc = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path / "store")],
+                          capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    again = Store.open(tmp_path / "store")
+    try:
+        with again.snapshot() as r:
+            for i in range(100, 110):
+                cid, data = chunk(i)
+                assert r.get_chunk(cid) == data
+            for i in range(200, 210):
+                assert not r.has_chunk(chunk(i)[0])
+        # the next writer appends after the dead writer's tail, never over it
+        put_logged(again, [chunk(300)])
+        with again.snapshot() as r:
+            assert r.get_chunk(chunk(300)[0]) == chunk(300)[1]
+            assert r.get_chunk(chunk(105)[0]) == chunk(105)[1]
+    finally:
+        again.close()
+
+
+def test_two_processes_never_share_a_segment(tmp_path: Path, store: Store) -> None:
+    put_logged(store, [chunk(1)])  # this process holds a segment now
+    code = """
+import sys, pathlib
+from jiaozifuse.store import DBS, Store
+from jiaozifuse.chunking import hash_bytes
+s = Store.open(pathlib.Path(sys.argv[1]))
+d = b"other" * 20000
+locs = s.append_chunks([(hash_bytes(d), d)])
+with s.write() as w:
+    for c, l in locs.items():
+        w.put_chunk_at(c, l)
+print(sorted(p.name for p in (pathlib.Path(sys.argv[1]) / "log").glob("*.seg")))
+s.close()
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.count(".seg") == 2, out
+    put_logged(store, [chunk(2)])
+    with store.snapshot() as r:
+        assert r.get_chunk(chunk(1)[0]) == chunk(1)[1]
+        assert r.get_chunk(chunk(2)[0]) == chunk(2)[1]
+        d = b"other" * 20000
+        assert r.get_chunk(hash_bytes(d)) == d
+
+
+def test_a_format_1_store_opens_and_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old"
+    path.mkdir()
+    env = lmdb.open(str(path), max_dbs=20)
+    cid, data = chunk(5)
+    with env.begin(write=True) as txn:
+        for name in DBS:  # the tables of format 1: all but the chunk log's
+            if name != "chunkloc":
+                env.open_db(name.encode(), txn=txn)
+        txn.put(b"format", b"1", db=env.open_db(b"meta", txn=txn))
+        txn.put(cid, data, db=env.open_db(b"chunks", txn=txn))
+    env.close()
+    ro = Store.open(path, readonly=True)
+    try:
+        with ro.snapshot() as r:
+            assert r.get_chunk(cid) == data and r.count_chunks() == 1
+            assert r.chunk_loc(cid) is None
+    finally:
+        ro.close()
+    rw = Store.open(path)
+    try:
+        with rw.read() as r:
+            assert r.get("meta", b"format") == b"2"
+            assert r.get_chunk(cid) == data
+    finally:
+        rw.close()
