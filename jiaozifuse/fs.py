@@ -1008,6 +1008,12 @@ class Ops(pyfuse3.Operations):
                 # FUSE_POSIX_ACL every inode is ACL_DONT_CACHE, and with it each
                 # READDIRPLUS forgets the cached ACLs of the entries it returns.
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            if name == b"security.selinux":
+                # The mount has no SELinux labels of its own (a label set by
+                # hand is still kept and returned).  ls -l asks for this one of
+                # every entry too, and stops asking for the device after
+                # "not supported", as for the ACLs above.
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
