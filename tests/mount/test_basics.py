@@ -265,3 +265,41 @@ def test_a_control_client_that_goes_away_does_not_stop_the_daemon(mnt: Mount) ->
     assert (mnt.main / "after.txt").read_text() == "y"
     log = (mnt.repo / "run" / "daemon.log").read_text()
     assert "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a mount's readahead needs root (sysfs)")
+def test_sequential_reads_arrive_in_large_requests(mount_factory) -> None:
+    """The mount's readahead window is raised from 128 KiB, so a sequential
+    reader costs one request per MiB, not per 128 KiB (as writes already do)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def mount(init: bool) -> Mount:
+        m = mount_factory("r", "--metrics-addr", f"127.0.0.1:{port}", init=init)
+        st = os.stat(m.mnt)
+        ra = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        deadline = time.monotonic() + 10
+        while open(ra).read().strip() != "4096" and time.monotonic() < deadline:
+            time.sleep(0.05)  # raised by the daemon once the mount is up
+        assert open(ra).read().strip() == "4096"
+        return m
+
+    def reads() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        return sum(float(line.rsplit(None, 1)[1]) for line in text.splitlines()
+                   if line.startswith('jiaozifuse_fuse_requests_total{op="read"}'))
+
+    m = mount(init=True)
+    data = os.urandom(32 << 20)
+    (m.main / "big").write_bytes(data)
+    jz("umount", str(m.mnt))  # a new mount: nothing of the file in the kernel's cache
+    m = mount(init=False)
+    before = reads()
+    with open(m.main / "big", "rb") as f:
+        assert f.read() == data
+    assert reads() - before <= 32 + 8  # 1 MiB requests (128 KiB ones would be 256)
