@@ -256,7 +256,8 @@ def rescue_condemned(store: Store, remote: Remote) -> list[Batch]:
     """Re-upload what local refs reach inside packs a remote gc has condemned.
 
     Called before a ref is pushed (see gc.py): a commit made on a view older
-    than the gc's must not point into a pack that will be deleted.  Blocking
+    than the gc's must not point into a pack that will be deleted.  A rescue
+    pack never takes a condemned pack's name.  Blocking
     (any thread); returns the batches sent, for the caller to :func:`complete`
     on the store-owning thread.
     """
@@ -297,6 +298,11 @@ def rescue_condemned(store: Store, remote: Remote) -> list[Batch]:
                 b.data += data
         if b.entries:
             b.pack_id = hash_bytes(b.data)
+            # the same entries in the same order as a condemned pack (always so
+            # for a pack of one) hash to its very name: the upload would land
+            # on the pack about to be deleted, so it gets a name of its own
+            while b.pack_id in condemned:
+                b.pack_id = hash_bytes(b.pack_id + b"rescue")
             send(remote, b, {})
             sent.append(b)
     return sent
