@@ -193,17 +193,12 @@ def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
             for eid, _ in decode_manifest(raw)[1]:
                 chunks.add(eid)
         dead_objects = [bytes(k) for k, _ in w.prefix("objects", b"") if bytes(k) not in objects]
-        dead_chunks = []
-        cur = w.cursor("chunks")
-        for k in cur.iternext(keys=True, values=False):
-            if bytes(k) not in chunks:
-                dead_chunks.append(bytes(k))
+        # inline chunks and those in the chunk log alike (lengths only: no data read)
+        dead_sizes = [(cid, n) for cid, n in w.iter_chunks() if cid not in chunks]
+        dead_chunks = [cid for cid, _ in dead_sizes]
         report["objects_deleted"] = len(dead_objects)
         report["chunks_deleted"] = len(dead_chunks)
-        freed = 0
-        for cid in dead_chunks:
-            data = w.get_chunk(cid)
-            freed += len(data or b"")
+        freed = sum(n for _, n in dead_sizes)
         report["bytes_freed"] = freed
         if dry_run:
             return report  # nothing was written: the transaction commits empty
@@ -211,7 +206,7 @@ def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
         for oid in dead_objects:
             w.txn.delete(oid, db=w._dbs["objects"])
         for cid in dead_chunks:
-            w.txn.delete(cid, db=w._dbs["chunks"])
+            w.delete_chunk(cid)  # a log chunk's range is punched once this commits
             w.delete("access", cid)
         w.add_counter("chunk_bytes", -freed)
         # what is dead needs no upload

@@ -303,3 +303,28 @@ def test_sequential_reads_arrive_in_large_requests(mount_factory) -> None:
     with open(m.main / "big", "rb") as f:
         assert f.read() == data
     assert reads() - before <= 32 + 8  # 1 MiB requests (128 KiB ones would be 256)
+
+
+def test_gc_through_the_mount_gives_back_chunk_log_space(mnt: Mount) -> None:
+    """A large file's chunks go to the chunk log; once nothing names them, gc
+    frees their disk space (holes punched), and everything else reads back."""
+    keep = os.urandom(8 << 20)
+    (mnt.main / "keep.bin").write_bytes(keep)
+    jz("commit", "-m", "keep", cwd=mnt.main)
+    os.mkdir(mnt.mnt / "scratch")
+    junk = os.urandom(48 << 20)
+    (mnt.mnt / "scratch" / "junk.bin").write_bytes(junk)
+    jz("commit", "-m", "junk", cwd=mnt.mnt / "scratch")
+
+    def log_disk() -> int:
+        return sum(p.stat().st_blocks * 512 for p in (mnt.repo / "store" / "log").glob("*.seg"))
+
+    before = log_disk()
+    assert before >= 40 << 20  # the big writes went to the log
+    jz("branch", "delete", "scratch", "--repo", str(mnt.repo))
+    report = json.loads(jz("gc", "--json", "--repo", str(mnt.repo)).stdout)
+    assert report["local"]["bytes_freed"] >= 40 << 20
+    assert log_disk() <= before - (40 << 20)
+    assert (mnt.main / "keep.bin").read_bytes() == keep
+    fsck = json.loads(jz("fsck", "--json", "--repo", str(mnt.repo)).stdout)
+    assert fsck["ok"], fsck
