@@ -150,20 +150,26 @@ class ChunkLog:
 
     # -------------------------------------------------------------- writing
 
-    def _reserve(self, n: int) -> tuple[int, int]:
+    def _reserve(self, n: int, durable: bool = True) -> tuple[int, int]:
         with self._lock:
             if not self._seg or (self._pos and self._pos + n > SEGMENT_BYTES):
                 self._claim_locked(n)
             seg, off = self._seg, self._pos
             self._pos += n
-            self._dirty.add(seg)
+            if durable:
+                self._dirty.add(seg)
             return seg, off
 
-    def append(self, chunks: Iterable[tuple[bytes, bytes | memoryview]]) -> dict[bytes, bytes]:
+    def append(self, chunks: Iterable[tuple[bytes, bytes | memoryview]],
+               durable: bool = True) -> dict[bytes, bytes]:
         """Write *chunks* (id, bytes) one after another; return id -> locator.
 
         Any thread.  The bytes are in the page cache when this returns, and
-        durable after the next :meth:`sync`.
+        durable after the next :meth:`sync`.  With ``durable=False`` (chunks
+        fetched from the remote: a cache) the next sync need not flush them:
+        after a power loss such a chunk may read back wrong, which the first
+        read of every chunk after a restart detects (its blake3 id is checked)
+        and answers by fetching it again.
         """
         items = [(cid, data) for cid, data in chunks if len(data)]
         if not items:
@@ -171,7 +177,7 @@ class ChunkLog:
         total = sum(len(d) for _, d in items)
         if self.readonly:
             raise JiaoziError(f"the chunk log at {self.path} is open read-only", errno.EROFS)
-        seg, off = self._reserve(total)
+        seg, off = self._reserve(total, durable)
         fd = self._fd(seg)
         locs: dict[bytes, bytes] = {}
         pos = off

@@ -426,7 +426,8 @@ class Store:
         with self.read() as r:
             return [r.has_chunk(c) for c in ids]
 
-    def append_chunks(self, pieces: list[tuple[bytes, bytes | memoryview]]) -> dict[bytes, bytes]:
+    def append_chunks(self, pieces: list[tuple[bytes, bytes | memoryview]],
+                      durable: bool = True) -> dict[bytes, bytes]:
         """Write the chunks not yet stored to the chunk log; return id -> locator.
 
         Any thread (the chunking thread of a large write, a fetch thread): the
@@ -435,13 +436,14 @@ class Store:
         the next commit makes durable together with the log.  A chunk found in
         the committed state is skipped (dedup); one stored meanwhile by someone
         else is found by ``put_chunk_at``, whose caller discards the range.
+        ``durable=False`` is for copies of remote data (see :meth:`ChunkLog.append`).
         """
         fresh: dict[bytes, bytes | memoryview] = {}
         with self.snapshot() as r:
             for cid, data in pieces:
                 if cid not in fresh and not r.has_chunk(cid):
                     fresh[cid] = data
-        return self.log.append(fresh.items())
+        return self.log.append(fresh.items(), durable)
 
     @contextmanager
     def snapshot(self, buffers: bool = False) -> Iterator[Txn]:

@@ -774,7 +774,8 @@ def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
     here, off the trio thread, instead of into an LMDB batch on it.
     """
     got = fetch_chunks(store, remote, ids)
-    return got, store.append_chunks(list(got.items()))
+    # a cache of remote bytes: no commit has to flush them to disk
+    return got, store.append_chunks(list(got.items()), durable=False)
 
 
 def store_fetched_locs(t: Txn, locs: dict[bytes, bytes]) -> list[bytes]:

@@ -233,3 +233,18 @@ def test_a_format_1_store_opens_and_is_upgraded(tmp_path: Path) -> None:
             assert r.get_chunk(cid) == data
     finally:
         rw.close()
+
+
+def test_copies_of_remote_chunks_need_no_flush(store: Store) -> None:
+    """Fetched chunks are a cache (their ids are checked on the first read
+    after a restart): writing them leaves nothing for the next commit to sync."""
+    cid, data = chunk(11)
+    locs = store.append_chunks([(cid, data)], durable=False)
+    assert not store.log.dirty
+    with store.write() as w:
+        assert w.put_chunk_at(cid, locs[cid])
+    with store.snapshot() as r:
+        assert r.get_chunk(cid) == data
+    other, odata = chunk(12)
+    store.append_chunks([(other, odata)])
+    assert store.log.dirty
