@@ -79,8 +79,14 @@ BLKSIZE = 128 * 1024
 SPILL_BYTES = 16 << 20
 #: chunked bytes of one file kept in memory while a batch commit runs (see _spill)
 PENDING_MAX = 16 << 20
-#: How far ahead a sequential reader's chunks are fetched from the remote.
-READAHEAD = 32 << 20
+#: How far ahead a sequential reader's chunks are fetched from the remote,
+#: in steps of READAHEAD_STEP: each step starts one fetch of the next step's
+#: chunks, so up to READAHEAD / READAHEAD_STEP fetches (each of up to 2
+#: parallel 4 MiB GETs) are in flight.  One 16 MiB fetch in flight at a time
+#: (the old setting) left readers waiting: a ranged GET of SeaweedFS takes
+#: 50-120 ms for 16 MiB, so a single stream of fetches cannot keep ahead.
+READAHEAD = 64 << 20
+READAHEAD_STEP = 8 << 20
 #: How far ahead a sequential reader's cached chunks are read from disk (MADV_WILLNEED).
 LOCAL_AHEAD = 16 << 20
 
@@ -779,7 +785,7 @@ class Ops(pyfuse3.Operations):
             await self.fetcher(missing)
         if sequential and self.nursery is not None and off + size >= h.ahead:
             ahead = content.ids_in_range(off + size, READAHEAD)
-            h.ahead = off + size + READAHEAD // 2
+            h.ahead = off + size + READAHEAD_STEP
             later = [c for c, ok in zip(ahead, self.repo.store.has_chunks(ahead), strict=True)
                      if not ok]
             if later:
