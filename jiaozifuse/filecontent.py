@@ -90,8 +90,11 @@ class FileContent:
         get_chunk: ChunkGetter,
         get_object: ObjectGetter,
         manifest_id: bytes = EMPTY_MANIFEST_ID,
+        get_chunks: Callable[[list[bytes]], list[bytes | None]] | None = None,
     ) -> None:
         self._get_chunk_stored = get_chunk
+        #: several stored chunks at once (one transaction, coalesced reads)
+        self._get_chunks_stored = get_chunks
         self._get_object = get_object
         #: Chunks made by edits and not yet saved to the store.
         self.pending: dict[bytes, bytes] = {}
@@ -159,7 +162,7 @@ class FileContent:
         end = min(self.size, offset + size)
         if offset >= end:
             return b""
-        out = bytearray()
+        spans: list[tuple[bytes, int, int, int]] = []  # (id, length, lo, hi)
         si = bisect.bisect_right(self._seg_offs, offset) - 1
         pos = offset
         while pos < end and si < len(self.segs):
@@ -171,13 +174,25 @@ class FileContent:
                 cid, n = entries[ci]
                 cstart = base + seg.offsets[ci]
                 lo, hi = pos - cstart, min(n, end - cstart)
-                if cid == ZERO_ID:
-                    out += bytes(hi - lo)
-                else:
-                    out += memoryview(self._entry_bytes(cid, n))[lo:hi]
+                spans.append((cid, n, lo, hi))
                 pos = cstart + hi
                 ci += 1
             si += 1
+        got: dict[bytes, bytes] = {}
+        if self._get_chunks_stored is not None:
+            stored = [c for c, _, _, _ in spans if c != ZERO_ID and c not in self.pending]
+            if len(stored) > 1:
+                got = {c: d for c, d in zip(stored, self._get_chunks_stored(stored), strict=True)
+                       if d is not None}
+        out = bytearray()
+        for cid, n, lo, hi in spans:
+            if cid == ZERO_ID:
+                out += bytes(hi - lo)
+                continue
+            data = got.get(cid)
+            if data is None or len(data) != n:
+                data = self._entry_bytes(cid, n)  # the checks and errors, one chunk
+            out += memoryview(data)[lo:hi]
         return bytes(out)
 
     def hole_bytes(self) -> int:

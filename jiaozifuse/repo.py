@@ -112,7 +112,8 @@ class Repository:
         self.path = path
         self.store = store
         self.config = config
-        self.worktree = Worktree(store, read_chunk=self._read_chunk)
+        self.worktree = Worktree(store, read_chunk=self._read_chunk,
+                                 read_chunks=self._read_chunks)
         self._remote: Remote | None = None
         self._batched_bytes = 0
         self._fetched_bytes = 0
@@ -280,6 +281,21 @@ class Repository:
         if data is not None and self.config.get("remote"):
             self.access.touch(cid)
         return data
+
+    def _read_chunks(self, ids: list[bytes]) -> list[bytes | None]:
+        """:meth:`_read_chunk` of several ids; chunks verified before come from
+        the store in one batch (a sequential reader's usual case)."""
+        datas = self.store.get_chunks(ids)
+        remote = bool(self.config.get("remote"))
+        verified = self.verified
+        for i, (cid, data) in enumerate(zip(ids, datas, strict=True)):
+            if data is not None and cid in verified:
+                verified.move_to_end(cid)
+                if remote:
+                    self.access.touch(cid)
+            else:
+                datas[i] = self._read_chunk(cid)
+        return datas
 
     def mark_verified(self, ids: Iterable[bytes]) -> None:
         """Remember chunks just checked against their ids, so that reading them
@@ -479,7 +495,8 @@ class Repository:
         return decode_tree(self._object(t, tid))
 
     def file_content(self, manifest_id: bytes) -> FileContent:
-        return FileContent(self.worktree.read_chunk, self.worktree.read_object, manifest_id)
+        return FileContent(self.worktree.read_chunk, self.worktree.read_object, manifest_id,
+                           self.worktree.read_chunks)
 
     # ------------------------------------------------------------------- refs
 

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import lmdb
 
-from .chunklog import ChunkLog, unpack_loc
+from .chunklog import ChunkLog, pack_loc, unpack_loc
 from .errors import Corrupt, FormatError, JiaoziError, StoreFull
 
 #: 2: chunks may live in the chunk log (``chunkloc``), which format-1 readers miss
@@ -155,6 +155,39 @@ class Txn:
             if loc is not None:
                 return self.log.read(loc)
         return data
+
+    def get_chunks(self, ids: list[bytes]) -> list[bytes | None]:
+        """Several chunks at once: one lookup each, one pread per run of
+        chunks that lie end to end in the log (a file written or fetched
+        sequentially), instead of one per chunk."""
+        out: list[bytes | None] = [None] * len(ids)
+        runs: list[tuple[int, int, int, list[tuple[int, int, int]]]] = []
+        chunks_db = self._dbs["chunks"]
+        for i, cid in enumerate(ids):
+            data = self.txn.get(cid, db=chunks_db)
+            if data is not None:
+                out[i] = data
+                continue
+            loc = self.chunk_loc(cid)
+            if loc is None or self.log is None:
+                continue
+            seg, off, n = unpack_loc(loc)
+            if runs and runs[-1][0] == seg and runs[-1][2] == off and \
+                    runs[-1][2] - runs[-1][1] + n <= (8 << 20):
+                r = runs[-1]
+                r[3].append((i, off, n))
+                runs[-1] = (seg, r[1], off + n, r[3])
+            else:
+                runs.append((seg, off, off + n, [(i, off, n)]))
+        for seg, lo, hi, members in runs:
+            if len(members) == 1:
+                i, off, n = members[0]
+                out[i] = self.log.read(pack_loc(seg, off, n))
+                continue
+            whole = memoryview(self.log.read(pack_loc(seg, lo, hi - lo)))
+            for i, off, n in members:
+                out[i] = bytes(whole[off - lo : off - lo + n])
+        return out
 
     def chunk_loc(self, cid: bytes) -> bytes | None:
         """The chunk log locator of a chunk, None if it is not in the log."""
@@ -403,6 +436,13 @@ class Store:
                 return data
         with self.read() as r:
             return r.get_chunk(cid)
+
+    def get_chunks(self, ids: list[bytes]) -> list[bytes | None]:
+        """:meth:`get_chunk` of several ids, in one transaction (see Txn.get_chunks)."""
+        if self._inflight is not None:
+            return [self.get_chunk(c) for c in ids]
+        with self.read() as r:
+            return r.get_chunks(ids)
 
     def note_fresh(self, locs: dict[bytes, bytes]) -> None:
         """Chunks just put in the batch that readers will want soon (fetched ones).

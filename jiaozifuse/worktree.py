@@ -210,10 +210,15 @@ class OpenFile:
 class Worktree:
     """Inode-level access to every branch's uncommitted state."""
 
-    def __init__(self, store: Store, read_chunk: Callable[[bytes], bytes | None] | None = None):
+    def __init__(self, store: Store, read_chunk: Callable[[bytes], bytes | None] | None = None,
+                 read_chunks: Callable[[list[bytes]], list[bytes | None]] | None = None):
         self.store = store
         self.open_files: dict[int, OpenFile] = {}
         self._read_chunk_fn = read_chunk
+        #: the batch form of read_chunk, used only while read_chunk is the one
+        #: it was given with (api.py swaps in a read-only variant)
+        self._read_chunks_fn = read_chunks
+        self._read_chunks_for = read_chunk
         store.failure_hooks.append(self._batch_lost)
         #: called with (kind, ino, links) after each change; the repository
         #: turns them into events and kernel-cache invalidations.
@@ -233,7 +238,7 @@ class Worktree:
             if raw is not None:
                 of.inode = Inode.decode(ino, raw)
             of.content = FileContent(self.read_chunk, self.read_object,
-                                     of.inode.ref or EMPTY_MANIFEST_ID)
+                                     of.inode.ref or EMPTY_MANIFEST_ID, self.read_chunks)
             of.buf = bytearray()
             of.dirty = False
 
@@ -243,6 +248,11 @@ class Worktree:
         if self._read_chunk_fn is not None:
             return self._read_chunk_fn(cid)
         return self.store.get_chunk(cid)
+
+    def read_chunks(self, ids: list[bytes]) -> list[bytes | None]:
+        if self._read_chunks_fn is not None and self._read_chunk_fn is self._read_chunks_for:
+            return self._read_chunks_fn(ids)
+        return [self.read_chunk(c) for c in ids]
 
     def read_object(self, oid: bytes) -> bytes | None:
         with self.store.read() as r:
@@ -673,7 +683,8 @@ class Worktree:
             if not node.is_file:
                 raise JiaoziError("not a regular file", errno.EISDIR)
             content = FileContent(
-                self.read_chunk, self.read_object, node.ref or EMPTY_MANIFEST_ID
+                self.read_chunk, self.read_object, node.ref or EMPTY_MANIFEST_ID,
+                self.read_chunks,
             )
             of = OpenFile(node, content)
             self.open_files[ino] = of

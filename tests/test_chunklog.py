@@ -248,3 +248,27 @@ def test_copies_of_remote_chunks_need_no_flush(store: Store) -> None:
     other, odata = chunk(12)
     store.append_chunks([(other, odata)])
     assert store.log.dirty
+
+
+def test_get_chunks_reads_runs_of_the_log_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                   store: Store) -> None:
+    logged = [chunk(i) for i in range(20, 30)]
+    put_logged(store, logged)
+    inline_id, inline = chunk(40)
+    with store.write() as w:
+        w.put_chunk(inline_id, inline)
+    missing = hash_bytes(b"not stored")
+    preads: list[int] = []
+    real = os.pread
+
+    def counting(fd: int, n: int, off: int) -> bytes:
+        preads.append(n)
+        return real(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", counting)
+    ids = [c for c, _ in logged[:5]] + [inline_id, missing] + [c for c, _ in logged[5:]]
+    with store.snapshot() as r:
+        got = r.get_chunks(ids)
+    want = [d for _, d in logged[:5]] + [inline, None] + [d for _, d in logged[5:]]
+    assert got == want
+    assert preads == [10 * 65536]  # end to end in the log: one read, not ten
