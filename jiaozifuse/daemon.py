@@ -490,10 +490,13 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         # mapped in this process: page cache, but counted in its RSS (see
         # Store.release_mapped_pages).  Its own task: a group commit can
         # take a while under heavy writes, and so can the upload planning
-        # that touches most pages.
+        # that touches most pages.  The limit counts from the file pages
+        # mapped at start-up (Python's and the libraries' own code, about
+        # 70 MiB), or it would unmap, and parse /proc/self/maps, every tick.
+        base = _rss_file()
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if _rss_file() > RSS_FILE_LIMIT:
+            if _rss_file() > base + RSS_FILE_LIMIT:
                 ops.repo.store.release_mapped_pages()
 
     async def fuse_main() -> None:
@@ -526,7 +529,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         tell("ready")
 
 
-#: LMDB file pages mapped in the daemon above which it unmaps them (they stay cached)
+#: LMDB file pages mapped in the daemon (beyond those mapped at start-up)
+#: above which it unmaps them (they stay cached)
 RSS_FILE_LIMIT = 64 << 20
 #: the kernel's readahead window for the mount (its backing device's read_ahead_kb)
 READ_AHEAD_KB = 4096
