@@ -495,7 +495,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         # 70 MiB), or it would unmap, and parse /proc/self/maps, every tick.
         base = _rss_file()
         while True:
-            await trio.sleep(COMMIT_INTERVAL)
+            await trio.sleep(UNMAP_INTERVAL)
             if _rss_file() > base + RSS_FILE_LIMIT:
                 ops.repo.store.release_mapped_pages()
 
@@ -529,6 +529,10 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         tell("ready")
 
 
+#: how often the daemon checks its mapped LMDB pages: the bulk of the data
+#: (large files' chunks, fetched chunks) is read with pread from the chunk
+#: log, so the map grows slowly, and reading /proc/self/status costs a few ms
+UNMAP_INTERVAL = 0.5
 #: LMDB file pages mapped in the daemon (beyond those mapped at start-up)
 #: above which it unmaps them (they stay cached)
 RSS_FILE_LIMIT = 64 << 20

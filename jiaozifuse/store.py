@@ -440,7 +440,16 @@ class Store:
     def get_chunks(self, ids: list[bytes]) -> list[bytes | None]:
         """:meth:`get_chunk` of several ids, in one transaction (see Txn.get_chunks)."""
         if self._inflight is not None:
-            return [self.get_chunk(c) for c in ids]
+            # as get_chunk: the committed state and the fresh locators answer
+            # without waiting for the commit; only misses go one by one
+            fresh = self._fresh_inflight
+            with self.snapshot() as r:
+                out = r.get_chunks(ids)
+                for i, cid in enumerate(ids):
+                    if out[i] is None and cid in fresh:
+                        out[i] = self.log.read(fresh[cid])
+            return [d if d is not None else self.get_chunk(c)
+                    for c, d in zip(ids, out, strict=True)]
         with self.read() as r:
             return r.get_chunks(ids)
 
