@@ -20,13 +20,14 @@ an LMDB transaction only after its bytes were written here, and the store
 calls :meth:`ChunkLog.sync` (fdatasync of every segment written since the
 last sync) before it commits a transaction holding new locators.  A crash
 can therefore leave bytes nobody indexes at the end of a segment (wasted
-space, which :func:`jiaozifuse.gc` gives back), never an index entry
-without its bytes.
+space, which local gc gives back with :meth:`ChunkLog.trim`), never an
+index entry without its bytes.
 
 Several processes may open one store (LMDB allows it).  Each appends only
 to a segment it has claimed with an exclusive ``flock``, held while the log
-is open, so two writers never share a segment; a segment whose writer is
-gone is claimed again by the next writer, which appends after its end.
+is open (full ones included), so two writers never share a segment; a
+segment whose writer is gone is claimed again by the next writer, which
+appends after its end.
 
 Concurrency: :meth:`append` and :meth:`read` may be called from any thread
 at once (a lock guards only the reservation of a range; the I/O runs
@@ -112,8 +113,8 @@ class ChunkLog:
     def _claim_locked(self, need: int) -> None:
         """Take a segment to append to: the newest one nobody holds, if it has
         room, else a new one.  Called with the lock held."""
-        if self._seg:  # ours is full: let it go
-            fcntl.flock(self._fds[self._seg], fcntl.LOCK_UN)
+        # A full segment stays locked while this log is open: the current
+        # batch may still name ranges in it that trim() must not cut.
         self.path.mkdir(parents=True, exist_ok=True)
         segs = sorted(int(p.stem) for p in self.path.glob("*.seg"))
         if segs and segs[-1] != self._seg:
@@ -294,6 +295,42 @@ class ChunkLog:
                 _punch_hole(self._fd(seg), off, length)
             except (OSError, JiaoziError):
                 pass  # only space is lost; the range is named by nothing
+
+    def trim(self, ends: dict[int, int]) -> int:
+        """Cut unnamed tails off segments nobody appends to; return bytes cut.
+
+        *ends* maps a segment to the end of the last range any committed
+        locator names in it (segments absent: nothing named).  What lies
+        beyond was appended by a writer that died before committing (or
+        discarded): no locator can name it.  A segment some process holds
+        (its writer, this process's included) is left alone, and the lock
+        taken here keeps a new writer out while it is cut.
+        """
+        if self.readonly or not self.path.is_dir():
+            return 0
+        cut = 0
+        for p in sorted(self.path.glob("*.seg")):
+            seg = int(p.stem)
+            with self._lock:
+                if seg == self._seg:
+                    continue  # ours
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer's
+                size = os.fstat(fd).st_size
+                end = ends.get(seg, 0)
+                if size > end:
+                    os.ftruncate(fd, end)
+                    cut += size - end
+            finally:
+                os.close(fd)  # releases the lock
+        return cut
 
     def disk_usage(self) -> int:
         """Bytes of disk the segments occupy (holes excluded)."""

@@ -202,6 +202,10 @@ def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
         report["bytes_freed"] = freed
         if dry_run:
             return report  # nothing was written: the transaction commits empty
+        # The chunk log's ends as this process sees them (its batch included),
+        # taken before the deletions below: if the batch holding them failed to
+        # commit, the chunks they delete would be named again.
+        ends = w.log_ends()
         dead = set(dead_objects) | set(dead_chunks)
         for oid in dead_objects:
             w.txn.delete(oid, db=w._dbs["objects"])
@@ -213,6 +217,8 @@ def collect_local(repo: Any, dry_run: bool = False) -> dict[str, Any]:
         for k, v in list(w.prefix("upload", b"")):
             if v[:1] in (b"C", b"O") and bytes(v[1:33]) in dead:
                 w.txn.delete(bytes(k), db=w._dbs["upload"])
+    # bytes a writer appended to the log and died before naming (a crash)
+    report["log_bytes_trimmed"] = repo.store.log.trim(ends)
     return report
 
 

@@ -265,6 +265,16 @@ class Txn:
             for k, v in self.txn.cursor(db=self._dbs["chunkloc"]):
                 yield bytes(k), self.log.read(v)
 
+    def log_ends(self) -> dict[int, int]:
+        """Per chunk-log segment, the end of the last range a locator names."""
+        ends: dict[int, int] = {}
+        if "chunkloc" in self._dbs:
+            for _, v in self.txn.cursor(db=self._dbs["chunkloc"]):
+                seg, off, n = unpack_loc(v)
+                if off + n > ends.get(seg, 0):
+                    ends[seg] = off + n
+        return ends
+
     def count_chunks(self) -> int:
         return sum(self.txn.stat(self._dbs[db])["entries"] for db in ("chunks", "chunkloc")
                    if db in self._dbs)

@@ -158,7 +158,7 @@ os.kill(os.getpid(), 9)  # before the batch holding b is committed
 """
 
 
-def test_sigkill_keeps_committed_chunks_and_no_uncommitted_locator(
+def test_sigkill_keeps_committed_chunks_and_gc_trims_the_unnamed_tail(
         tmp_path: Path, store: Store) -> None:
     store.close()
     proc = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path / "store")],
@@ -172,7 +172,13 @@ def test_sigkill_keeps_committed_chunks_and_no_uncommitted_locator(
                 assert r.get_chunk(cid) == data
             for i in range(200, 210):
                 assert not r.has_chunk(chunk(i)[0])
-        # the next writer appends after the dead writer's tail, never over it
+            ends = r.log_ends()
+        # the dead writer's unnamed tail (its uncommitted batch) is cut, and only it
+        assert again.log.trim(ends) == 10 * 65536
+        assert again.log.trim(ends) == 0
+        with again.snapshot() as r:
+            assert all(r.get_chunk(chunk(i)[0]) == chunk(i)[1] for i in range(100, 110))
+        # the next writer appends after the dead writer's end, never over it
         put_logged(again, [chunk(300)])
         with again.snapshot() as r:
             assert r.get_chunk(chunk(300)[0]) == chunk(300)[1]
@@ -272,3 +278,19 @@ def test_get_chunks_reads_runs_of_the_log_at_once(monkeypatch: pytest.MonkeyPatc
     want = [d for _, d in logged[:5]] + [inline, None] + [d for _, d in logged[5:]]
     assert got == want
     assert preads == [10 * 65536]  # end to end in the log: one read, not ten
+
+
+def test_trim_leaves_a_live_writers_segment_alone(tmp_path: Path, store: Store) -> None:
+    put_logged(store, [chunk(1)])
+    store.append_chunks([chunk(2)])  # appended, not yet named by any locator
+    code = """
+import sys, pathlib
+from jiaozifuse.store import Store
+s = Store.open(pathlib.Path(sys.argv[1]))
+with s.snapshot() as r:
+    print(s.log.trim(r.log_ends()))
+s.close()
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "0"  # this process holds its segment: nothing cut
