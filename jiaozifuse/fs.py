@@ -193,6 +193,7 @@ class Handle:
     wrote: bool = False  # for the close_write event
     next_off: int = 0  # where a sequential read would continue
     ahead: int = 0  # readahead has been started up to here
+    fetched_to: int = 0  # remote readahead has asked for everything up to here
 
 
 class Ops(pyfuse3.Operations):
@@ -774,6 +775,8 @@ class Ops(pyfuse3.Operations):
         assert self.fetcher is not None
         sequential = off == h.next_off
         h.next_off = off + size
+        if not sequential:  # a seek: readahead starts afresh from the next sequential read
+            h.ahead = h.fetched_to = 0
         want = content.ids_in_range(off, size)
         verified = self.repo.verified
         unknown = [c for c in want if c not in verified]
@@ -784,8 +787,14 @@ class Ops(pyfuse3.Operations):
         if missing:
             await self.fetcher(missing)
         if sequential and self.nursery is not None and off + size >= h.ahead:
-            ahead = content.ids_in_range(off + size, READAHEAD)
+            # only the part of the window not asked for by an earlier step: the
+            # presence checks of the whole 64 MiB window (1,000 ids, 2 lookups
+            # each) every 8 MiB cost the FUSE thread 5 % of a cold read
+            start = max(off + size, h.fetched_to)
+            end = off + size + READAHEAD
+            ahead = content.ids_in_range(start, end - start) if start < end else []
             h.ahead = off + size + READAHEAD_STEP
+            h.fetched_to = end
             later = [c for c, ok in zip(ahead, self.repo.store.has_chunks(ahead), strict=True)
                      if not ok]
             if later:
@@ -799,6 +808,8 @@ class Ops(pyfuse3.Operations):
         pages of the next LOCAL_AHEAD bytes' chunks in the background."""
         sequential = off == h.next_off
         h.next_off = off + size
+        if not sequential:  # a seek: readahead starts afresh from the next sequential read
+            h.ahead = 0
         if sequential and self.nursery is not None and off + size >= h.ahead:
             ids = content.ids_in_range(off + size, LOCAL_AHEAD)
             h.ahead = off + size + LOCAL_AHEAD // 2
