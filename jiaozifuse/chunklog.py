@@ -242,7 +242,7 @@ class ChunkLog:
                 fd = self._fd(seg)
             except JiaoziError:
                 continue
-            for lo, hi in _coalesce(ranges):
+            for lo, hi in coalesce(ranges):
                 os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
                 total += hi - lo
         return total
@@ -356,7 +356,8 @@ def _punch_hole(fd: int, off: int, length: int) -> None:
 _FALLOCATE = None
 
 
-def _coalesce(spans: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
+def coalesce(spans: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
+    """Merge (start, end) spans less than *gap* apart (for readahead advice)."""
     out: list[tuple[int, int]] = []
     for lo, hi in sorted(spans):
         if out and lo - out[-1][1] <= gap:

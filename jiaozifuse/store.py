@@ -64,7 +64,7 @@ from pathlib import Path
 
 import lmdb
 
-from .chunklog import ChunkLog, pack_loc, unpack_loc
+from .chunklog import ChunkLog, coalesce, pack_loc, unpack_loc
 from .errors import Corrupt, FormatError, JiaoziError, StoreFull
 
 #: 2: chunks may live in the chunk log (``chunkloc``), which format-1 readers miss
@@ -816,7 +816,7 @@ class Store:
                         locs.append(bytes(loc))
             # inside the snapshot: the ranges cannot be punched meanwhile
             total = self.log.willneed(locs)
-        for lo, hi in _coalesce(spans):
+        for lo, hi in coalesce(spans):
             lo &= ~(PAGE - 1)
             if _madvise(lo, hi - lo, 3) == 0:  # MADV_WILLNEED
                 total += hi - lo
@@ -862,16 +862,6 @@ def _madvise(addr: int, length: int, advice: int) -> int:
 
 _LIBC = None
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _coalesce(spans: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if out and lo - out[-1][1] <= gap:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def _buffer_address(view: memoryview) -> int:

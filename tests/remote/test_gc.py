@@ -106,13 +106,9 @@ def export_ok(tmp_path: Path, s3, name: str, files: dict[str, bytes]) -> None:
     assert json.loads(jz("fsck", "--json", "--repo", str(c), env=env).stdout)["ok"]
 
 
-def test_remote_gc_rescue_into_a_pack_named_like_the_condemned_one(tmp_path, bucket) -> None:
-    """Pack names are content hashes: a writer's rescue of a condemned object pack
-    that holds exactly what it rescues produces the same name, so its upload
-    lands on the condemned pack itself.  The second gc step must not delete it
-    (deterministic form of the 1-in-6 failure of the test above, where the
-    rescued objects happened to sort in the condemned pack's order)."""
-    s3, name = bucket
+def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, bytes]:
+    """Repository A on the bucket: main holds keep.bin (committed and synced),
+    branch tmp has shared.bin imported (3 MiB, not yet committed)."""
     env = s3.env()
     a = tmp_path / "a"
     jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
@@ -129,6 +125,18 @@ def test_remote_gc_rescue_into_a_pack_named_like_the_condemned_one(tmp_path, buc
     tmp_src.mkdir()
     (tmp_src / "shared.bin").write_bytes(shared)
     jz("import", str(tmp_src), "--repo", str(a), "--branch", "tmp", env=env)
+    return a, keep, shared
+
+
+def test_remote_gc_rescue_into_a_pack_named_like_the_condemned_one(tmp_path, bucket) -> None:
+    """Pack names are content hashes: a writer's rescue of a condemned object pack
+    that holds exactly what it rescues produces the same name, so its upload
+    lands on the condemned pack itself.  The second gc step must not delete it
+    (deterministic form of the 1-in-6 failure of the test above, where the
+    rescued objects happened to sort in the condemned pack's order)."""
+    s3, name = bucket
+    env = s3.env()
+    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
     before_manifest = set(opack_ids(s3, name))
     jz("sync", "--wait", "--repo", str(a), env=env)  # the manifest alone in an object pack
     (lone,) = set(opack_ids(s3, name)) - before_manifest
@@ -168,21 +176,7 @@ def test_remote_gc_sees_what_other_machines_reuse_of_its_collected_objects(
     locally and must fetch it), and keep their packs."""
     s3, name = bucket
     env = s3.env()
-    a = tmp_path / "a"
-    jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
-    src = tmp_path / "src"
-    src.mkdir()
-    keep = os.urandom(1 << 20)
-    (src / "keep.bin").write_bytes(keep)
-    jz("import", str(src), "--repo", str(a), env=env)
-    jz("commit", "-m", "keep", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("branch", "create", "tmp", "--repo", str(a), env=env)
-    shared = os.urandom(3 << 20)
-    tmp_src = tmp_path / "tmp-src"
-    tmp_src.mkdir()
-    (tmp_src / "shared.bin").write_bytes(shared)
-    jz("import", str(tmp_src), "--repo", str(a), "--branch", "tmp", env=env)
+    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
     jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
     jz("sync", "--wait", "--repo", str(a), env=env)
     b = tmp_path / "b"

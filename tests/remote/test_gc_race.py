@@ -11,7 +11,7 @@ from mount.conftest import jz
 
 from jiaozifuse import gc
 from jiaozifuse.repo import Repository
-from remote.test_gc import export_ok, opack_ids, packs, set_grace
+from remote.test_gc import export_ok, opack_ids, packs, repo_with_tmp_data, set_grace
 
 
 def test_a_rescue_during_the_second_gc_step_survives_it(tmp_path, bucket, monkeypatch) -> None:
@@ -22,21 +22,7 @@ def test_a_rescue_during_the_second_gc_step_survives_it(tmp_path, bucket, monkey
     env = s3.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    a = tmp_path / "a"
-    jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
-    src = tmp_path / "src"
-    src.mkdir()
-    keep = os.urandom(1 << 20)
-    (src / "keep.bin").write_bytes(keep)
-    jz("import", str(src), "--repo", str(a), env=env)
-    jz("commit", "-m", "keep", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("branch", "create", "tmp", "--repo", str(a), env=env)
-    shared = os.urandom(3 << 20)
-    tmp_src = tmp_path / "tmp-src"
-    tmp_src.mkdir()
-    (tmp_src / "shared.bin").write_bytes(shared)
-    jz("import", str(tmp_src), "--repo", str(a), "--branch", "tmp", env=env)
+    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
     known = set(opack_ids(s3, name))
     jz("sync", "--wait", "--repo", str(a), env=env)  # the manifest alone in an object pack
     (lone,) = set(opack_ids(s3, name)) - known
