@@ -379,6 +379,7 @@ class Repo:
             # The repository's own cache-miss path stores what it fetches,
             # which a read-only store refuses: fetch into memory instead.
             self._repo.worktree._read_chunk_fn = self._read_chunk_readonly
+            self._repo.worktree._read_chunks_fn = None  # one by one, through the above
 
     def _read_chunk_readonly(self, cid: bytes) -> bytes | None:
         """A chunk from the local cache, else from the remote, never written to the store.

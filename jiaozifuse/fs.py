@@ -114,6 +114,16 @@ def _chunk_and_log(buf: bytearray, store: Any) -> tuple[list[tuple[bytes, memory
     return pieces, locs
 
 
+def _sequential(h: Handle, off: int, size: int) -> bool:
+    """Whether this read continues the handle's last one; a seek resets the
+    readahead marks, so readahead starts afresh from the next sequential read."""
+    sequential = off == h.next_off
+    h.next_off = off + size
+    if not sequential:
+        h.ahead = h.fetched_to = 0
+    return sequential
+
+
 #: Which positional arguments of each handler are inode numbers (for the
 #: root alias of single-branch and single-commit mounts).
 INODE_ARGS = {
@@ -773,10 +783,7 @@ class Ops(pyfuse3.Operations):
         READAHEAD bytes are fetched in the background as well.
         """
         assert self.fetcher is not None
-        sequential = off == h.next_off
-        h.next_off = off + size
-        if not sequential:  # a seek: readahead starts afresh from the next sequential read
-            h.ahead = h.fetched_to = 0
+        sequential = _sequential(h, off, size)
         want = content.ids_in_range(off, size)
         verified = self.repo.verified
         unknown = [c for c in want if c not in verified]
@@ -806,10 +813,7 @@ class Ops(pyfuse3.Operations):
     def _advise(self, h: Handle, content: FileContent, off: int, size: int) -> None:
         """Local readahead: on a sequential read, have the kernel read the map
         pages of the next LOCAL_AHEAD bytes' chunks in the background."""
-        sequential = off == h.next_off
-        h.next_off = off + size
-        if not sequential:  # a seek: readahead starts afresh from the next sequential read
-            h.ahead = 0
+        sequential = _sequential(h, off, size)
         if sequential and self.nursery is not None and off + size >= h.ahead:
             ids = content.ids_in_range(off + size, LOCAL_AHEAD)
             h.ahead = off + size + LOCAL_AHEAD // 2

@@ -253,7 +253,10 @@ class Repository:
         on disk) is never served: it is dropped and fetched again from the
         remote, or, without one, the read fails with Corrupt (EIO).
         """
-        data = self.store.get_chunk(cid)
+        return self._checked_chunk(cid, self.store.get_chunk(cid))
+
+    def _checked_chunk(self, cid: bytes, data: bytes | None) -> bytes | None:
+        """:meth:`_read_chunk` given what the store holds for *cid* (None: nothing)."""
         if data is not None and cid in self.verified:
             self.verified.move_to_end(cid)
             if self.config.get("remote"):
@@ -286,16 +289,7 @@ class Repository:
         """:meth:`_read_chunk` of several ids; chunks verified before come from
         the store in one batch (a sequential reader's usual case)."""
         datas = self.store.get_chunks(ids)
-        remote = bool(self.config.get("remote"))
-        verified = self.verified
-        for i, (cid, data) in enumerate(zip(ids, datas, strict=True)):
-            if data is not None and cid in verified:
-                verified.move_to_end(cid)
-                if remote:
-                    self.access.touch(cid)
-            else:
-                datas[i] = self._read_chunk(cid)
-        return datas
+        return [self._checked_chunk(cid, data) for cid, data in zip(ids, datas, strict=True)]
 
     def mark_verified(self, ids: Iterable[bytes]) -> None:
         """Remember chunks just checked against their ids, so that reading them

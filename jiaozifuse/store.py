@@ -436,32 +436,27 @@ class Store:
         every 50 ms the group commit writes the fetched chunks, and the
         reads of chunks fetched earlier go on meanwhile.
         """
-        if self._inflight is not None:
-            loc = self._fresh_inflight.get(cid)
-            if loc is not None:
-                return self.log.read(loc)
-            with self.snapshot() as r:
-                data = r.get_chunk(cid)
-            if data is not None:
-                return data
-        with self.read() as r:
-            return r.get_chunk(cid)
+        return self.get_chunks([cid])[0]
 
     def get_chunks(self, ids: list[bytes]) -> list[bytes | None]:
         """:meth:`get_chunk` of several ids, in one transaction (see Txn.get_chunks)."""
-        if self._inflight is not None:
-            # as get_chunk: the committed state and the fresh locators answer
-            # without waiting for the commit; only misses go one by one
-            fresh = self._fresh_inflight
-            with self.snapshot() as r:
-                out = r.get_chunks(ids)
-                for i, cid in enumerate(ids):
-                    if out[i] is None and cid in fresh:
-                        out[i] = self.log.read(fresh[cid])
-            return [d if d is not None else self.get_chunk(c)
-                    for c, d in zip(ids, out, strict=True)]
-        with self.read() as r:
-            return r.get_chunks(ids)
+        if self._inflight is None:
+            with self.read() as r:
+                return r.get_chunks(ids)
+        # A commit in flight: the committed state and the fresh locators
+        # answer without waiting for it; only the misses wait (read() settles).
+        fresh = self._fresh_inflight
+        with self.snapshot() as r:
+            out = r.get_chunks(ids)
+            for i, cid in enumerate(ids):
+                if out[i] is None and cid in fresh:
+                    out[i] = self.log.read(fresh[cid])
+        misses = [i for i, d in enumerate(out) if d is None]
+        if misses:
+            with self.read() as r:
+                for i, data in zip(misses, r.get_chunks([ids[i] for i in misses]), strict=True):
+                    out[i] = data
+        return out
 
     def note_fresh(self, locs: dict[bytes, bytes]) -> None:
         """Chunks just put in the batch that readers will want soon (fetched ones).

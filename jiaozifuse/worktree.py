@@ -215,10 +215,9 @@ class Worktree:
         self.store = store
         self.open_files: dict[int, OpenFile] = {}
         self._read_chunk_fn = read_chunk
-        #: the batch form of read_chunk, used only while read_chunk is the one
-        #: it was given with (api.py swaps in a read-only variant)
+        #: the batch form of read_chunk; whoever replaces _read_chunk_fn
+        #: replaces or clears this one too (api.py)
         self._read_chunks_fn = read_chunks
-        self._read_chunks_for = read_chunk
         store.failure_hooks.append(self._batch_lost)
         #: called with (kind, ino, links) after each change; the repository
         #: turns them into events and kernel-cache invalidations.
@@ -250,7 +249,7 @@ class Worktree:
         return self.store.get_chunk(cid)
 
     def read_chunks(self, ids: list[bytes]) -> list[bytes | None]:
-        if self._read_chunks_fn is not None and self._read_chunk_fn is self._read_chunks_for:
+        if self._read_chunks_fn is not None:
             return self._read_chunks_fn(ids)
         return [self.read_chunk(c) for c in ids]
 
