@@ -27,20 +27,7 @@ def packs(s3, bucket: str) -> set[str]:
 def test_remote_gc_with_a_concurrent_writer(tmp_path, bucket) -> None:
     s3, name = bucket
     env = s3.env()
-    a = tmp_path / "a"
-    jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
-    shared = os.urandom(3 << 20)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "keep.bin").write_bytes(os.urandom(1 << 20))
-    jz("import", str(src), "--repo", str(a), env=env)
-    jz("commit", "-m", "keep", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)  # keep's packs apart from tmp's
-    jz("branch", "create", "tmp", "--repo", str(a), env=env)
-    tmp_src = tmp_path / "tmp-src"
-    tmp_src.mkdir()
-    (tmp_src / "shared.bin").write_bytes(shared)
-    jz("import", str(tmp_src), "--repo", str(a), "--branch", "tmp", env=env)
+    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)  # keep's packs apart from tmp's
     jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
     jz("sync", "--wait", "--repo", str(a), env=env)
 
@@ -76,7 +63,7 @@ def test_remote_gc_with_a_concurrent_writer(tmp_path, bucket) -> None:
     out = tmp_path / "out"
     jz("export", "main", str(out), "--repo", str(c), env=env)
     assert (out / "copy.bin").read_bytes() == shared
-    assert (out / "keep.bin").read_bytes() == (src / "keep.bin").read_bytes()
+    assert (out / "keep.bin").read_bytes() == keep
     assert json.loads(jz("fsck", "--json", "--repo", str(c), env=env).stdout)["ok"]
 
 
@@ -106,9 +93,8 @@ def export_ok(tmp_path: Path, s3, name: str, files: dict[str, bytes]) -> None:
     assert json.loads(jz("fsck", "--json", "--repo", str(c), env=env).stdout)["ok"]
 
 
-def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, bytes]:
-    """Repository A on the bucket: main holds keep.bin (committed and synced),
-    branch tmp has shared.bin imported (3 MiB, not yet committed)."""
+def repo_with_keep(tmp_path: Path, s3, name: str) -> tuple[Path, bytes]:
+    """Repository A on the bucket: main holds keep.bin (1 MiB), committed and synced."""
     env = s3.env()
     a = tmp_path / "a"
     jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
@@ -119,6 +105,14 @@ def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, byte
     jz("import", str(src), "--repo", str(a), env=env)
     jz("commit", "-m", "keep", "--repo", str(a), env=env)
     jz("sync", "--wait", "--repo", str(a), env=env)
+    return a, keep
+
+
+def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, bytes]:
+    """:func:`repo_with_keep`, and branch tmp with shared.bin imported (3 MiB,
+    not yet committed)."""
+    env = s3.env()
+    a, keep = repo_with_keep(tmp_path, s3, name)
     jz("branch", "create", "tmp", "--repo", str(a), env=env)
     shared = os.urandom(3 << 20)
     tmp_src = tmp_path / "tmp-src"

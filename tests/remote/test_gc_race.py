@@ -5,13 +5,19 @@ before it deletes."""
 from __future__ import annotations
 
 import json
-import os
 
 from mount.conftest import jz
 
 from jiaozifuse import gc
 from jiaozifuse.repo import Repository
-from remote.test_gc import export_ok, opack_ids, packs, repo_with_tmp_data, set_grace
+from remote.test_gc import (
+    export_ok,
+    opack_ids,
+    packs,
+    repo_with_keep,
+    repo_with_tmp_data,
+    set_grace,
+)
 
 
 def test_a_rescue_during_the_second_gc_step_survives_it(tmp_path, bucket, monkeypatch) -> None:
@@ -77,15 +83,7 @@ def test_a_pack_whose_copy_we_located_is_gone_is_kept(tmp_path, bucket) -> None:
     'located' entry."""
     s3, name = bucket
     env = s3.env()
-    a = tmp_path / "a"
-    jz("init", str(a), "--remote", f"s3://{name}/repo", "--endpoint-url", s3.endpoint, env=env)
-    src = tmp_path / "src"
-    src.mkdir()
-    keep = os.urandom(1 << 20)
-    (src / "keep.bin").write_bytes(keep)
-    jz("import", str(src), "--repo", str(a), env=env)
-    jz("commit", "-m", "keep", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
+    a, keep = repo_with_keep(tmp_path, s3, name)
     client = s3.client()
     (pack,) = [k for k in packs(s3, name) if k.endswith(".pack")]
     # a second copy of the chunk pack under another name (as two uploads of the
