@@ -248,7 +248,9 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
         with contextlib.suppress(Exception):
             repo.close()
         del lock
-        log.info("unmounted %s; request counts: %s", opts.mountpoint, ops.stats)
+        remote = repo._remote  # None unless the repository has a remote
+        log.info("unmounted %s; request counts: %s; S3 requests: %s", opts.mountpoint,
+                 ops.stats, getattr(remote, "requests", 0))
 
 
 async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:

@@ -90,6 +90,8 @@ JZ_EXTRA = {
     "sync_packs": "packs uploaded by sync",
     "clone_s": "jiaozifuse clone (metadata only), s",
     "mount_s": "jiaozifuse mount until ready, s",
+    "cold_read_cpu_daemon": "cold read: daemon CPU, s per GiB",
+    "cold_read_cpu_server": "cold read: S3 server CPU, s per GiB (boto3's: see the log)",
 }
 
 
@@ -256,6 +258,33 @@ class CloneTarget(common.JiaozifuseTarget):
                 self.res.add_daemon(pid)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CPU:
+    """CPU seconds used by some processes during a ``with`` block: where a cold read's
+    two cores go (client, S3 server), the budget both sides share on this machine."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids, self.used = pids, dict.fromkeys(pids, math.nan)
+
+    def __enter__(self) -> CPU:
+        self.start = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {k: cpu_seconds(p) - self.start[k] for k, p in self.pids.items()}
+
+    def describe(self, size: int) -> str:
+        return ", ".join(f"{k} {v / (size / GiB):.2f}" for k, v in self.used.items())
+
+
 def read_sequential(path: Path, expect: int) -> float:
     """Read ``path`` start to end in 1 MiB read() calls; check the length; seconds."""
     total = 0
@@ -380,10 +409,11 @@ def read_boto3(r: Round) -> None:
 
     dst = r.root / "download.bin"
     common.drop_caches()
-    with Stopwatch() as sw:
+    with CPU(client=os.getpid(), server=r.s3.proc.pid) as cpu, Stopwatch() as sw:
         r.client.download_file(r.b_bucket, KEY, str(dst), Config=TransferConfig())
     r.put("boto3", "cold_read", rate(r.size / MiB, sw.seconds))
-    log(f"  cold read boto3 download_file: {rate(r.size / MiB, sw.seconds):.1f} MiB/s")
+    log(f"  cold read boto3 download_file: {rate(r.size / MiB, sw.seconds):.1f} MiB/s "
+        f"(CPU s/GiB: {cpu.describe(r.size)})")
     if file_digest(dst) != r.digest:
         raise RuntimeError("boto3 download_file returned other bytes")
     dst.unlink()
@@ -412,12 +442,16 @@ def read_jz(r: Round) -> None:
         if r.args.profile and daemon is None:
             log("  the daemon's PID was not found: not profiling it")
         with Profiler(r.res, r.args.profile if daemon else None, f"read-r{r.n}",
-                      daemon or 0):
+                      daemon or 0), \
+                CPU(daemon=daemon or 0, reader=os.getpid(), server=r.s3.proc.pid) as cpu:
             seconds = read_sequential(path, r.size)
+        r.put("jiaozifuse", "cold_read_cpu_daemon", cpu.used["daemon"] / (r.size / GiB))
+        r.put("jiaozifuse", "cold_read_cpu_server", cpu.used["server"] / (r.size / GiB))
         r.put("jiaozifuse", "cold_read", rate(r.size / MiB, seconds))
         r.put("jiaozifuse", "cold_read_vs_single", rate(r.size / MiB, seconds))
         log(f"  cold read jiaozifuse mount: {rate(r.size / MiB, seconds):.1f} MiB/s "
-            f"(clone {target.clone_s:.2f} s, mount {target.mount_s:.2f} s)")
+            f"(clone {target.clone_s:.2f} s, mount {target.mount_s:.2f} s; "
+            f"CPU s/GiB: {cpu.describe(r.size)})")
         if file_digest(path) != r.digest:
             raise RuntimeError("the jiaozifuse mount returned other bytes")
     finally:
