@@ -278,7 +278,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
             done = trio.Event()
             for c in mine:
                 inflight[c] = done
-            got: dict[bytes, bytes] = {}
+            got: dict[bytes, int] = {}  # id -> length
             try:
                 if mine:
                     remote = repo.remote  # built at start-up, in a thread
@@ -304,7 +304,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
                 repo.access.touch(cid)
             if ops.metrics is not None:
                 ops.metrics.cache_misses.inc(len(got))
-                ops.metrics.read_bytes.labels("remote").inc(sum(map(len, got.values())))
+                ops.metrics.read_bytes.labels("remote").inc(sum(got.values()))
 
         ops.fetcher = fetcher
 

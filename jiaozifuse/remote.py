@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -151,6 +152,29 @@ class Remote:
         r = self._call(f"GET {key}", self.s3.get_object, Bucket=self.url.bucket,
                        Key=self.url.key(key), **kw)
         return r["Body"].read(), r.get("ETag", "")
+
+    def get_pieces(self, key: str, start: int, length: int, piece: int
+                   ) -> Iterator[bytes]:
+        """A ranged GET whose body is handed over in pieces of *piece* bytes.
+
+        For consumers that work on the body as it arrives (hashing and caching
+        fetched chunks while the rest is still on the wire), and that keep no
+        more of it in memory than they need.  Errors reading the body raise
+        :class:`RemoteError` like those of the request.
+        """
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        r = self._call(f"GET {key}", self.s3.get_object, Bucket=self.url.bucket,
+                       Key=self.url.key(key), Range=f"bytes={start}-{start + length - 1}")
+        body = r["Body"]
+        try:
+            while data := body.read(piece):
+                yield data
+        except (BotoCoreError, HTTPError, OSError) as exc:
+            raise RemoteError(f"GET {key} failed on {self.url}: {_describe(exc)}") from None
+        finally:
+            body.close()
 
     def exists(self, key: str) -> bool:
         try:

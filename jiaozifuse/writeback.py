@@ -709,13 +709,16 @@ def locate(t: Txn, oid: bytes) -> tuple[bytes, int, int, bytes] | None:
 FETCH_PART = 32 << 20
 
 
-def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
-                 gap: int = 1 << 20) -> dict[bytes, bytes]:
-    """Fetch chunks from their packs (blocking; any thread).  Verifies every id.
+#: A streamed fetch (:func:`fetch_to_log`) hashes and caches each piece of this
+#: size as it arrives, while the rest of the GET is still on the wire.
+FETCH_PIECE = 4 << 20
 
-    Chunks close together in a pack (less than *gap* apart) come in one ranged
-    GET of at most :data:`FETCH_PART` bytes; the GETs run in parallel.
-    """
+_Request = tuple[bytes, int, int, list[tuple[int, int, bytes]]]  # pack, start, end, chunks
+
+
+def _requests(store: Store, ids: Iterable[bytes], gap: int = 1 << 20) -> list[_Request]:
+    """Group chunks into ranged GETs: chunks close together in a pack (less
+    than *gap* apart) share one GET of at most :data:`FETCH_PART` bytes."""
     wanted: dict[bytes, list[tuple[int, int, bytes]]] = {}
     with store.snapshot() as r:
         for cid in set(ids):
@@ -736,11 +739,34 @@ def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
                 requests.append((pack, start, end, group))
                 start, end, group = off, off + n, [(off, n, cid)]
         requests.append((pack, start, end, group))
+    return requests
 
-    def get(req: tuple[bytes, int, int, list]) -> dict[bytes, bytes]:
+
+def _pack_key(pack: bytes) -> str:
+    return f"packs/{pack.hex()}.pack"
+
+
+def _in_parallel(fn: Callable[[_Request], dict], requests: list[_Request]) -> dict:
+    result: dict = {}
+    if len(requests) == 1:
+        result.update(fn(requests[0]))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(8, len(requests))) as pool:
+            for part in pool.map(fn, requests):
+                result.update(part)
+    return result
+
+
+def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
+                 gap: int = 1 << 20) -> dict[bytes, bytes]:
+    """Fetch chunks from their packs (blocking; any thread).  Verifies every id.
+
+    The GETs (see :func:`_requests`) run in parallel.
+    """
+    def get(req: _Request) -> dict[bytes, bytes]:
         pack, start, end, group = req
         for attempt in range(2):
-            data, _ = remote.get(f"packs/{pack.hex()}.pack", start, end - start)
+            data, _ = remote.get(_pack_key(pack), start, end - start)
             out = {}
             bad = []
             for off, n, cid in group:
@@ -756,27 +782,78 @@ def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
         raise Corrupt(f"chunk {bad[0].hex()} from pack {pack.hex()[:12]} fails its blake3 "
                       "check; not served")
 
-    result: dict[bytes, bytes] = {}
-    if len(requests) == 1:
-        result.update(get(requests[0]))
-    else:
-        with concurrent.futures.ThreadPoolExecutor(min(8, len(requests))) as pool:
-            for part in pool.map(get, requests):
-                result.update(part)
-    return result
+    return _in_parallel(get, _requests(store, ids, gap))
+
+
+def _cut(group: list[tuple[int, int, bytes]], start: int, pieces: Iterable[bytes]
+         ) -> Iterable[list[tuple[bytes, bytes | memoryview]]]:
+    """Cut a GET's body, arriving in *pieces* from offset *start*, into the
+    chunks of *group* (sorted by offset): one list per piece, of the chunks
+    that piece completed.  A chunk inside one piece is a view of it (no
+    copy); only a chunk that straddles pieces is copied together."""
+    todo = iter(group)
+    cur = next(todo, None)
+    carry: bytearray | None = None  # the part of `cur` received in earlier pieces
+    base = start
+    for piece in pieces:
+        view, end = memoryview(piece), base + len(piece)
+        done: list[tuple[bytes, bytes | memoryview]] = []
+        while cur is not None:
+            off, n, cid = cur
+            if off + n <= end:
+                if carry is not None:
+                    carry += view[: off + n - base]
+                    done.append((cid, carry))
+                    carry = None
+                else:
+                    done.append((cid, view[off - base : off + n - base]))
+                cur = next(todo, None)
+                continue
+            if off < end:  # begins here or earlier, ends in a later piece
+                if carry is None:
+                    carry = bytearray(view[off - base :])
+                else:
+                    carry += view
+            break
+        yield done
+        base = end
 
 
 def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
-                 ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+                 ) -> tuple[dict[bytes, int], dict[bytes, bytes]]:
     """Fetch chunks and write them to the chunk log (a worker thread).
 
-    Returns (id -> bytes, id -> locator); record the locators with
-    :func:`store_fetched_locs`.  The bytes are copied into the page cache
-    here, off the trio thread, instead of into an LMDB batch on it.
+    Returns (id -> length, id -> locator); record the locators with
+    :func:`store_fetched_locs`.  Each GET is consumed as it arrives, in
+    pieces of :data:`FETCH_PIECE`: the chunks a piece completes are verified
+    and written to the log (one pwritev) while the rest is on the wire, and
+    no more than a piece of the body is held in memory.  A chunk that fails
+    its blake3 check is fetched once more on its own, then refused
+    (:class:`Corrupt`).  The copy into the page cache happens here, off the
+    trio thread.
     """
-    got = fetch_chunks(store, remote, ids)
-    # a cache of remote bytes: no commit has to flush them to disk
-    return got, store.append_chunks(list(got.items()), durable=False)
+    def get(req: _Request) -> dict[bytes, bytes]:
+        pack, start, end, group = req
+        locs: dict[bytes, bytes] = {}
+        seen: set[bytes] = set()
+        pieces = remote.get_pieces(_pack_key(pack), start, end - start, FETCH_PIECE)
+        for done in _cut(group, start, pieces):
+            good = [(cid, data) for cid, data in done if hash_bytes(data) == cid]
+            seen.update(cid for cid, _ in good)
+            # a cache of remote bytes: no commit has to flush them to disk;
+            # chunks stored meanwhile by someone else get no locator (dedup)
+            locs.update(store.append_chunks(good, durable=False))
+        again = [cid for _, _, cid in group if cid not in seen]
+        if again:  # failed its blake3 check, or the body was cut short
+            log.warning("pack %s: %d chunk(s) failed verification or were cut short; "
+                        "fetching them again", pack.hex()[:12], len(again))
+            got = fetch_chunks(store, remote, again)  # raises Corrupt if still bad
+            locs.update(store.append_chunks(list(got.items()), durable=False))
+        return locs
+
+    requests = _requests(store, ids)
+    sizes = {cid: n for _, _, _, group in requests for _, n, cid in group}
+    return sizes, _in_parallel(get, requests)
 
 
 def store_fetched_locs(t: Txn, locs: dict[bytes, bytes]) -> list[bytes]:
