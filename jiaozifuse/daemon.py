@@ -289,6 +289,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
                     await repo.store.ready_async()  # a commit in flight: wait, not block
                     with repo.store.write() as w:
                         unused = writeback.store_fetched_locs(w, locs)
+                        writeback.record_moved(w, repo.store)  # copies found for a gone pack
                     repo.store.log.discard(unused)
                     gone = set(unused)
                     repo.store.note_fresh({c: v for c, v in locs.items() if v not in gone})

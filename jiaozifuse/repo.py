@@ -274,6 +274,7 @@ class Repository:
             got = writeback.fetch_chunks(self.store, self.remote, [cid])
             with self.store.write() as w:
                 writeback.store_fetched(w, got)
+                writeback.record_moved(w, self.store)  # copies found for a gone pack
             data = got.get(cid)
             self._fetched_bytes += len(data or b"")
             if self._fetched_bytes > (64 << 20) and self.config.get("cache_size"):

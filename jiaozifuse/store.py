@@ -331,6 +331,9 @@ class Store:
         self.failure_hooks: list[Callable[[Exception], None]] = []
         #: the thread that begins and commits batches (daemon), see use_commit_thread
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        #: remote copies found for chunks whose located pack is gone (any thread
+        #: adds; whoever owns the store records them: writeback.record_moved)
+        self.moved: dict[bytes, bytes] = {}
         #: fetched chunks stored in the current batch / in the batch being committed
         self._fresh_batch: dict[bytes, bytes] = {}
         self._fresh_inflight: dict[bytes, bytes] = {}

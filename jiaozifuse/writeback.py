@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chunking import hash_bytes
-from .errors import Conflict, Corrupt
+from .errors import Conflict, Corrupt, NotFound
 from .objects import object_id
 from .remote import Remote, decode_index, encode_index
 from .store import Store, Txn
@@ -720,9 +720,11 @@ def _requests(store: Store, ids: Iterable[bytes], gap: int = 1 << 20) -> list[_R
     """Group chunks into ranged GETs: chunks close together in a pack (less
     than *gap* apart) share one GET of at most :data:`FETCH_PART` bytes."""
     wanted: dict[bytes, list[tuple[int, int, bytes]]] = {}
+    moved = store.moved
     with store.snapshot() as r:
         for cid in set(ids):
-            loc = locate(r, cid)
+            raw = moved.get(cid)
+            loc = _LOC.unpack(raw) if raw is not None else locate(r, cid)
             if loc is None:
                 raise Corrupt(f"chunk {cid.hex()} is neither cached nor in the remote")
             pack, off, n, _ = loc
@@ -744,6 +746,62 @@ def _requests(store: Store, ids: Iterable[bytes], gap: int = 1 << 20) -> list[_R
 
 def _pack_key(pack: bytes) -> str:
     return f"packs/{pack.hex()}.pack"
+
+
+def _find_moved(store: Store, remote: Remote, gone: bytes, ids: list[bytes]) -> None:
+    """Find other copies of chunks whose located pack *gone* is no longer on
+    the remote; note them in ``store.moved``.  Raises :class:`Corrupt` naming
+    a chunk that no pack holds.
+
+    How it happens: two machines wrote the same chunk, so two packs hold it,
+    and a remote gc on one machine deleted the copy another machine had
+    located.  Reads only (any thread): the remote's pack indexes are read
+    until every id is found; the owner of the store records the result with
+    :func:`record_moved`, so the search runs once per gone pack.
+    """
+    want = set(ids) - store.moved.keys()
+    log.warning("pack %s is gone from the remote: looking for other copies of %d chunk(s)",
+                gone.hex()[:12], len(want))
+    for key in remote.list("packs/"):
+        stem, _, ext = key.removeprefix("packs/").partition(".")
+        if not want or ext != "idx" or stem == gone.hex():
+            continue
+        try:
+            pid = bytes.fromhex(stem)
+            entries = decode_index(remote.get(key)[0])
+        except (ValueError, NotFound):
+            continue
+        for kind, oid, off, n in entries:
+            if oid in want and kind == b"C":
+                store.moved[oid] = _LOC.pack(pid, off, n, kind)
+                want.discard(oid)
+    if want:
+        raise Corrupt(f"chunk {min(want).hex()} is not cached, and its pack {gone.hex()[:12]} "
+                      "is gone from the remote with no other copy")
+
+
+def record_moved(t: Txn, store: Store) -> None:
+    """Record the copies :func:`_find_moved` found (by the owner of the store)."""
+    for oid, loc in list(store.moved.items()):
+        t.put("located", oid, loc)
+        del store.moved[oid]
+
+
+def _relocating(store: Store, remote: Remote, fn: Callable[[_Request], dict]
+                ) -> Callable[[_Request], dict]:
+    """*fn* for one request, retried from other copies if its pack is gone."""
+    def run(req: _Request) -> dict:
+        try:
+            return fn(req)
+        except NotFound:
+            pack, _, _, group = req
+            ids = [cid for _, _, cid in group]
+            _find_moved(store, remote, pack, ids)
+            out: dict = {}
+            for again in _requests(store, ids):
+                out.update(fn(again))  # a second NotFound: the copy went too
+            return out
+    return run
 
 
 def _in_parallel(fn: Callable[[_Request], dict], requests: list[_Request]) -> dict:
@@ -782,7 +840,7 @@ def fetch_chunks(store: Store, remote: Remote, ids: Iterable[bytes],
         raise Corrupt(f"chunk {bad[0].hex()} from pack {pack.hex()[:12]} fails its blake3 "
                       "check; not served")
 
-    return _in_parallel(get, _requests(store, ids, gap))
+    return _in_parallel(_relocating(store, remote, get), _requests(store, ids, gap))
 
 
 def _cut(group: list[tuple[int, int, bytes]], start: int, pieces: Iterable[bytes]
@@ -853,7 +911,7 @@ def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
 
     requests = _requests(store, ids)
     sizes = {cid: n for _, _, _, group in requests for _, n, cid in group}
-    return sizes, _in_parallel(get, requests)
+    return sizes, _in_parallel(_relocating(store, remote, get), requests)
 
 
 def store_fetched_locs(t: Txn, locs: dict[bytes, bytes]) -> list[bytes]:
@@ -992,6 +1050,7 @@ def remote_from_config(config: dict) -> Remote | None:
 __all__ = [
     "AccessLog", "Batch", "RefConflict", "UploadState", "Writeback", "complete",
     "download_metadata", "drain_sync", "evict", "fetch_chunks", "fetch_to_log",
-    "pending_chunk_bytes", "plan", "push_ref", "queue_status", "remote_from_config", "send",
+    "pending_chunk_bytes", "plan", "push_ref", "queue_status", "record_moved",
+    "remote_from_config", "send",
     "state_of", "store_fetched", "store_fetched_locs",
 ]

@@ -196,3 +196,121 @@ def test_fetch_of_chunks_in_two_packs(tmp_path, creds) -> None:
             assert all(blake3.blake3(r.get_chunk(c)).digest() == c for c in ids)
     finally:
         b.close()
+
+
+# --- a located pack gone from the remote -------------------------------------------
+
+
+def copy_pack(s3, name: str, pack: bytes) -> bytes:
+    """Put a second copy of a pack (and its index) under another name, as when two
+    machines upload the same chunks; return the copy's id."""
+    import blake3
+
+    client = s3.client()
+    other = blake3.blake3(pack).digest()
+    for ext in ("pack", "idx"):
+        body = client.get_object(Bucket=name, Key=f"repo/packs/{pack.hex()}.{ext}")["Body"].read()
+        client.put_object(Bucket=name, Key=f"repo/packs/{other.hex()}.{ext}", Body=body)
+    return other
+
+
+def delete_pack(s3, name: str, pack: bytes) -> None:
+    client = s3.client()
+    for ext in ("pack", "idx"):
+        client.delete_object(Bucket=name, Key=f"repo/packs/{pack.hex()}.{ext}")
+
+
+def test_a_gone_pack_is_read_from_another_copy(tmp_path, pushed) -> None:
+    """Machine B located chunks in a pack that a gc on machine A deleted as a
+    duplicate: B's cache miss finds the other copy (and records it) instead of failing."""
+    s3, name, b = pushed
+    ids = chunk_ids(b)
+    with b.store.read() as r:
+        first = writeback.locate(r, ids[0])[0]
+    other = copy_pack(s3, name, first)
+    c = Repository.clone(f"s3://{name}/repo", tmp_path / "c", endpoint_url=s3.endpoint)
+    try:
+        with c.store.read() as r:
+            located = writeback.locate(r, ids[0])[0]
+        assert located in (first, other)
+        delete_pack(s3, name, located)  # the copy c located is gone
+        locs = writeback.fetch_to_log(c.store, c.remote, ids)[1]
+        assert set(locs) == set(ids)
+        record(c, locs)
+        with c.store.write() as w:
+            writeback.record_moved(w, c.store)
+        c.store.commit_batch()
+        survivor = other if located == first else first
+        with c.store.read() as r:
+            assert all(writeback.locate(r, cid)[0] == survivor for cid in ids)
+            assert all(hash_ok(r.get_chunk(cid), cid) for cid in ids)
+        assert c.store.moved == {}
+    finally:
+        c.close()
+
+
+def test_a_read_through_the_repository_records_the_other_copy(tmp_path, pushed) -> None:
+    s3, name, b = pushed
+    ids = chunk_ids(b)
+    with b.store.read() as r:
+        first = writeback.locate(r, ids[0])[0]
+    other = copy_pack(s3, name, first)
+    writeback.download_metadata(b.store, b.remote)  # b learns the copy too
+    with b.store.read() as r:
+        located = writeback.locate(r, ids[0])[0]
+    delete_pack(s3, name, located)
+    assert hash_ok(b._read_chunk(ids[0]), ids[0])
+    with b.store.read() as r:
+        assert writeback.locate(r, ids[0])[0] == (other if located == first else first)
+
+
+def test_a_chunk_whose_every_copy_is_gone_is_a_clear_error(pushed) -> None:
+    s3, name, b = pushed
+    ids = chunk_ids(b)
+    with b.store.read() as r:
+        first = writeback.locate(r, ids[0])[0]
+    delete_pack(s3, name, first)
+    with pytest.raises(Corrupt, match="gone from the remote with no other copy"):
+        writeback.fetch_to_log(b.store, b.remote, ids)
+
+
+def hash_ok(data: bytes | None, cid: bytes) -> bool:
+    import blake3
+
+    return data is not None and blake3.blake3(data).digest() == cid
+
+
+def test_a_mount_reads_through_a_gone_pack(tmp_path, pushed) -> None:
+    """The same through a mount: the daemon's fetcher finds the other copy, the
+    file reads back whole, and the copy is recorded for the next cold read."""
+    import json
+
+    from mount.conftest import Mount, jz, teardown
+
+    s3, name, b = pushed
+    ids = chunk_ids(b)
+    with b.store.read() as r:
+        first = writeback.locate(r, ids[0])[0]
+    other = copy_pack(s3, name, first)
+    repo = tmp_path / "c"
+    jz("clone", f"s3://{name}/repo", str(repo), env=s3.env())
+    c = Repository.open(repo)
+    with c.store.read() as r:
+        located = writeback.locate(r, ids[0])[0]
+    c.close()
+    delete_pack(s3, name, located)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    jz("mount", str(repo), str(mnt), env=s3.env())
+    m = Mount(repo, mnt, json.loads((mnt / ".jiaozifuse-mount").read_text())["pid"])
+    try:
+        assert (m.main / "f.bin").read_bytes() == data(6 << 20, 5)
+    finally:
+        teardown(m)
+    c = Repository.open(repo)
+    try:
+        survivor = other if located == first else first
+        with c.store.read() as r:
+            assert {writeback.locate(r, cid)[0] for cid in ids} == {survivor}
+    finally:
+        c.close()
