@@ -289,12 +289,20 @@ class ChunkLog:
         return ready
 
     def _punch(self, locs: list[bytes]) -> None:
+        # Ranges that touch are punched as one: a hole frees only the blocks
+        # it covers whole, so chunk by chunk would keep every block two
+        # chunks share (about one block per chunk).  Ranges with anything
+        # between them stay apart: the bytes between may be named.
+        spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
             seg, off, length = unpack_loc(loc)
-            try:
-                _punch_hole(self._fd(seg), off, length)
-            except (OSError, JiaoziError):
-                pass  # only space is lost; the range is named by nothing
+            spans.setdefault(seg, []).append((off, off + length))
+        for seg, ranges in spans.items():
+            for lo, hi in coalesce(ranges, gap=0):
+                try:
+                    _punch_hole(self._fd(seg), lo, hi - lo)
+                except (OSError, JiaoziError):
+                    pass  # only space is lost; the range is named by nothing
 
     def trim(self, ends: dict[int, int]) -> int:
         """Cut unnamed tails off segments nobody appends to; return bytes cut.

@@ -888,8 +888,19 @@ def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
     no more than a piece of the body is held in memory.  A chunk that fails
     its blake3 check is fetched once more on its own, then refused
     (:class:`Corrupt`).  The copy into the page cache happens here, off the
-    trio thread.
+    trio thread.  If any GET fails (an outage mid-body), every range this
+    call wrote to the log is given back before the error is raised: no
+    locator will ever name them.
     """
+    written: list[bytes] = []  # every locator of this call (list.extend: atomic)
+
+    def append(chunks: list[tuple[bytes, bytes | memoryview]]) -> dict[bytes, bytes]:
+        # a cache of remote bytes: no commit has to flush them to disk;
+        # chunks stored meanwhile by someone else get no locator (dedup)
+        new = store.append_chunks(chunks, durable=False)
+        written.extend(new.values())
+        return new
+
     def get(req: _Request) -> dict[bytes, bytes]:
         pack, start, end, group = req
         locs: dict[bytes, bytes] = {}
@@ -898,20 +909,22 @@ def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
         for done in _cut(group, start, pieces):
             good = [(cid, data) for cid, data in done if hash_bytes(data) == cid]
             seen.update(cid for cid, _ in good)
-            # a cache of remote bytes: no commit has to flush them to disk;
-            # chunks stored meanwhile by someone else get no locator (dedup)
-            locs.update(store.append_chunks(good, durable=False))
+            locs.update(append(good))
         again = [cid for _, _, cid in group if cid not in seen]
         if again:  # failed its blake3 check, or the body was cut short
             log.warning("pack %s: %d chunk(s) failed verification or were cut short; "
                         "fetching them again", pack.hex()[:12], len(again))
             got = fetch_chunks(store, remote, again)  # raises Corrupt if still bad
-            locs.update(store.append_chunks(list(got.items()), durable=False))
+            locs.update(append(list(got.items())))
         return locs
 
     requests = _requests(store, ids)
     sizes = {cid: n for _, _, _, group in requests for _, n, cid in group}
-    return sizes, _in_parallel(_relocating(store, remote, get), requests)
+    try:
+        return sizes, _in_parallel(_relocating(store, remote, get), requests)
+    except BaseException:
+        store.log.discard(written)
+        raise
 
 
 def store_fetched_locs(t: Txn, locs: dict[bytes, bytes]) -> list[bytes]:

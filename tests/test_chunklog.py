@@ -294,3 +294,22 @@ s.close()
     out = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "0"  # this process holds its segment: nothing cut
+
+
+def test_ranges_that_touch_are_punched_whole(store: Store) -> None:
+    """Discarded chunks lying end to end give back every block they cover, also
+    those two of them share; a chunk between discarded ones stays intact."""
+    pieces = [chunk(1000 + i, 10_000) for i in range(41)]  # not block-aligned
+    locs = store.append_chunks(pieces)
+    seg = chunklog.unpack_loc(next(iter(locs.values())))[0]
+    path = store.log._file(seg)
+    keep_id, keep = pieces[20]
+    store.log.discard([loc for cid, loc in locs.items() if cid != keep_id])
+    # 40 chunks of 10,000 bytes: about 98 blocks of 4 KiB (800 of 512 bytes;
+    # chunk by chunk, 344 stayed); what may stay: the blocks the kept chunk
+    # touches (3 or 4 of 4 KiB) and the partial last block of the file
+    assert os.stat(path).st_blocks <= 6 * 8
+    seg, off, n = chunklog.unpack_loc(locs[keep_id])
+    with open(path, "rb") as f:
+        f.seek(off)
+        assert f.read(n) == keep

@@ -9,6 +9,8 @@ a corrupt pack (really corrupt in the bucket, and corrupt in flight once).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -314,3 +316,33 @@ def test_a_mount_reads_through_a_gone_pack(tmp_path, pushed) -> None:
             assert {writeback.locate(r, cid)[0] for cid in ids} == {survivor}
     finally:
         c.close()
+
+
+def log_blocks(repo: Repository) -> int:
+    """Disk blocks the chunk log's segments hold (holes punched do not count)."""
+    return sum(p.stat().st_blocks for p in Path(repo.store.log.path).glob("*.seg"))
+
+
+def test_a_get_failing_mid_body_leaves_no_bytes_in_the_log(pushed, monkeypatch) -> None:
+    """An outage in the middle of a GET: the error reaches the caller, and the
+    pieces already written to the chunk log are given back (nothing will name them)."""
+    from jiaozifuse.remote import RemoteError
+
+    repo = pushed[2]
+    monkeypatch.setattr(writeback, "FETCH_PIECE", 1 << 20)
+    ids = chunk_ids(repo)
+    real = repo.remote.get_pieces
+
+    def cut_off(key, start, length, piece):
+        for i, p in enumerate(real(key, start, length, piece)):
+            if i == 3:
+                raise RemoteError("GET: connection reset (injected)")
+            yield p
+
+    monkeypatch.setattr(repo.remote, "get_pieces", cut_off)
+    before = log_blocks(repo)
+    with pytest.raises(RemoteError, match="injected"):
+        writeback.fetch_to_log(repo.store, repo.remote, ids)
+    assert log_blocks(repo) - before < 64  # 3 MiB were written: 6,144 blocks
+    with repo.store.read() as r:
+        assert not any(r.has_chunk(c) for c in ids)
