@@ -108,13 +108,28 @@ def repo_with_keep(tmp_path: Path, s3, name: str) -> tuple[Path, bytes]:
     return a, keep
 
 
+def one_segment_data(n: int) -> bytes:
+    """Random bytes whose file manifest is one object: no chunk but the last
+    ends a segment (filecontent._seg_cut; about 1 file in 20 of 3 MiB has a
+    cut, and its manifest is then a top object and two segments).  The tests
+    below need the manifest alone in its object pack."""
+    from jiaozifuse.chunking import chunk_and_hash
+    from jiaozifuse.filecontent import _seg_cut
+
+    while True:
+        data = os.urandom(n)
+        ids = [cid for cid, _ in chunk_and_hash(data)]
+        if not any(_seg_cut(cid) for cid in ids[:-1]):
+            return data
+
+
 def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, bytes]:
     """:func:`repo_with_keep`, and branch tmp with shared.bin imported (3 MiB,
     not yet committed)."""
     env = s3.env()
     a, keep = repo_with_keep(tmp_path, s3, name)
     jz("branch", "create", "tmp", "--repo", str(a), env=env)
-    shared = os.urandom(3 << 20)
+    shared = one_segment_data(3 << 20)
     tmp_src = tmp_path / "tmp-src"
     tmp_src.mkdir()
     (tmp_src / "shared.bin").write_bytes(shared)
