@@ -28,16 +28,9 @@ def test_remote_gc_with_a_concurrent_writer(tmp_path, bucket) -> None:
     s3, name = bucket
     env = s3.env()
     a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)  # keep's packs apart from tmp's
-    jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-
     # machine B clones while tmp still exists: it knows where shared.bin's chunks live
-    b = tmp_path / "b"
-    jz("clone", f"s3://{name}/repo", str(b), env=env)
-
-    jz("branch", "delete", "tmp", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("gc", "--repo", str(a), env=env)  # local
+    b = drop_tmp(tmp_path, s3, name, a, clone=True)
+    assert b is not None
     set_grace(a, 0)
     before = packs(s3, name)
     r1 = json.loads(jz("gc", "--remote", "--json", "--repo", str(a), env=env).stdout)
@@ -137,6 +130,35 @@ def repo_with_tmp_data(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, byte
     return a, keep, shared
 
 
+def drop_tmp(tmp_path: Path, s3, name: str, a: Path, clone: bool = False) -> Path | None:
+    """Commit branch tmp, sync, delete it, sync, and gc A locally (its objects
+    leave A's store; their packs stay in the bucket).  With *clone*, machine
+    B clones between the commit and the delete (it then knows where tmp's
+    data lives) and its path is returned."""
+    env = s3.env()
+    jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
+    jz("sync", "--wait", "--repo", str(a), env=env)
+    b = None
+    if clone:
+        b = tmp_path / "b"
+        jz("clone", f"s3://{name}/repo", str(b), env=env)
+    jz("branch", "delete", "tmp", "--repo", str(a), env=env)
+    jz("sync", "--wait", "--repo", str(a), env=env)
+    jz("gc", "--repo", str(a), env=env)
+    return b
+
+
+def lone_manifest_pack(tmp_path: Path, s3, name: str) -> tuple[Path, bytes, bytes, str, bytes]:
+    """:func:`repo_with_tmp_data`, synced so that shared.bin's manifest is alone
+    in an object pack: (A, keep, shared, that pack's key, the manifest id)."""
+    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
+    known = set(opack_ids(s3, name))
+    jz("sync", "--wait", "--repo", str(a), env=s3.env())
+    (lone,) = set(opack_ids(s3, name)) - known
+    (manifest,) = opack_ids(s3, name)[lone]
+    return a, keep, shared, lone, manifest
+
+
 def test_remote_gc_rescue_into_a_pack_named_like_the_condemned_one(tmp_path, bucket) -> None:
     """Pack names are content hashes: a writer's rescue of a condemned object pack
     that holds exactly what it rescues produces the same name, so its upload
@@ -145,16 +167,8 @@ def test_remote_gc_rescue_into_a_pack_named_like_the_condemned_one(tmp_path, buc
     rescued objects happened to sort in the condemned pack's order)."""
     s3, name = bucket
     env = s3.env()
-    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
-    before_manifest = set(opack_ids(s3, name))
-    jz("sync", "--wait", "--repo", str(a), env=env)  # the manifest alone in an object pack
-    (lone,) = set(opack_ids(s3, name)) - before_manifest
-    (manifest,) = opack_ids(s3, name)[lone]
-    jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("branch", "delete", "tmp", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("gc", "--repo", str(a), env=env)  # local: the manifest leaves A's store
+    a, keep, shared, lone, manifest = lone_manifest_pack(tmp_path, s3, name)
+    drop_tmp(tmp_path, s3, name, a)  # local gc: the manifest leaves A's store
     set_grace(a, 0)
     r1 = json.loads(jz("gc", "--remote", "--json", "--repo", str(a), env=env).stdout)
     assert lone.removeprefix("repo/packs/").removesuffix(".opack") in r1["remote"]["condemned"]
@@ -186,13 +200,8 @@ def test_remote_gc_sees_what_other_machines_reuse_of_its_collected_objects(
     s3, name = bucket
     env = s3.env()
     a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
-    jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    b = tmp_path / "b"
-    jz("clone", f"s3://{name}/repo", str(b), env=env)
-    jz("branch", "delete", "tmp", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("gc", "--repo", str(a), env=env)  # local: shared.bin's manifest leaves A's store
+    b = drop_tmp(tmp_path, s3, name, a, clone=True)  # shared.bin's manifest leaves A's store
+    assert b is not None
 
     b_src = tmp_path / "b-src"
     b_src.mkdir()

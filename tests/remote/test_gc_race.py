@@ -11,11 +11,12 @@ from mount.conftest import jz
 from jiaozifuse import gc
 from jiaozifuse.repo import Repository
 from remote.test_gc import (
+    drop_tmp,
     export_ok,
+    lone_manifest_pack,
     opack_ids,
     packs,
     repo_with_keep,
-    repo_with_tmp_data,
     set_grace,
 )
 
@@ -28,17 +29,9 @@ def test_a_rescue_during_the_second_gc_step_survives_it(tmp_path, bucket, monkey
     env = s3.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    a, keep, shared = repo_with_tmp_data(tmp_path, s3, name)
-    known = set(opack_ids(s3, name))
-    jz("sync", "--wait", "--repo", str(a), env=env)  # the manifest alone in an object pack
-    (lone,) = set(opack_ids(s3, name)) - known
+    a, keep, shared, lone, manifest = lone_manifest_pack(tmp_path, s3, name)
     lone_hex = lone.removeprefix("repo/packs/").removesuffix(".opack")
-    (manifest,) = opack_ids(s3, name)[lone]
-    jz("commit", "-m", "tmp data", "--repo", str(a), "--branch", "tmp", env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("branch", "delete", "tmp", "--repo", str(a), env=env)
-    jz("sync", "--wait", "--repo", str(a), env=env)
-    jz("gc", "--repo", str(a), env=env)
+    drop_tmp(tmp_path, s3, name, a)
     set_grace(a, 0)
     r1 = json.loads(jz("gc", "--remote", "--json", "--repo", str(a), env=env).stdout)
     assert lone_hex in r1["remote"]["condemned"]
