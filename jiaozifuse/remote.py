@@ -144,13 +144,16 @@ class Remote:
                        Key=self.url.key(key), Body=data, **kw)
         return r.get("ETag", "")
 
-    def get(self, key: str, start: int | None = None, length: int | None = None
-            ) -> tuple[bytes, str]:
+    def _get_object(self, key: str, start: int | None, length: int | None) -> Any:
         kw: dict[str, Any] = {}
         if start is not None and length is not None:
             kw["Range"] = f"bytes={start}-{start + length - 1}"
-        r = self._call(f"GET {key}", self.s3.get_object, Bucket=self.url.bucket,
-                       Key=self.url.key(key), **kw)
+        return self._call(f"GET {key}", self.s3.get_object, Bucket=self.url.bucket,
+                          Key=self.url.key(key), **kw)
+
+    def get(self, key: str, start: int | None = None, length: int | None = None
+            ) -> tuple[bytes, str]:
+        r = self._get_object(key, start, length)
         return r["Body"].read(), r.get("ETag", "")
 
     def get_pieces(self, key: str, start: int, length: int, piece: int
@@ -165,9 +168,7 @@ class Remote:
         from botocore.exceptions import BotoCoreError
         from urllib3.exceptions import HTTPError
 
-        r = self._call(f"GET {key}", self.s3.get_object, Bucket=self.url.bucket,
-                       Key=self.url.key(key), Range=f"bytes={start}-{start + length - 1}")
-        body = r["Body"]
+        body = self._get_object(key, start, length)["Body"]
         try:
             while data := body.read(piece):
                 yield data
