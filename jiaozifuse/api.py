@@ -380,6 +380,7 @@ class Repo:
             # which a read-only store refuses: fetch into memory instead.
             self._repo.worktree._read_chunk_fn = self._read_chunk_readonly
             self._repo.worktree._read_chunks_fn = None  # one by one, through the above
+            self._repo.worktree._read_into_fn = None
 
     def _read_chunk_readonly(self, cid: bytes) -> bytes | None:
         """A chunk from the local cache, else from the remote, never written to the store.

@@ -46,6 +46,10 @@ ChunkGetter = Callable[[bytes], bytes]
 ObjectGetter = Callable[[bytes], bytes]
 
 Entry = tuple[bytes, int]
+#: (id, chunk length, lo, hi, offset in the buffer): bytes lo:hi of a chunk
+Span = tuple[bytes, int, int, int, int]
+#: fills spans of a buffer from the store; returns the indices it could not fill
+ReadInto = Callable[[list[Span], memoryview], list[int]]
 
 
 def _seg_cut(cid: bytes) -> bool:
@@ -91,10 +95,13 @@ class FileContent:
         get_object: ObjectGetter,
         manifest_id: bytes = EMPTY_MANIFEST_ID,
         get_chunks: Callable[[list[bytes]], list[bytes | None]] | None = None,
+        read_into: ReadInto | None = None,
     ) -> None:
         self._get_chunk_stored = get_chunk
         #: several stored chunks at once (one transaction, coalesced reads)
         self._get_chunks_stored = get_chunks
+        #: stored chunks' bytes straight into a read buffer (see read_buffer)
+        self._read_into = read_into
         self._get_object = get_object
         #: Chunks made by edits and not yet saved to the store.
         self.pending: dict[bytes, bytes] = {}
@@ -159,10 +166,24 @@ class FileContent:
     # -------------------------------------------------------------------- reads
 
     def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.read_buffer(offset, size))
+
+    def read_buffer(self, offset: int, size: int) -> bytearray:
+        """The bytes at *offset*, in a fresh buffer the mount replies with.
+
+        Each byte is copied once: holes are the buffer's zeros, unsaved
+        chunks are copied in, stored chunks are read into it by
+        ``read_into`` (one preadv per run of chunks lying end to end in the
+        chunk log).  What that cannot fill (a chunk not verified since it
+        was stored, one missing, a store without ``read_into``) goes the
+        checked way, chunk by chunk, with its errors.
+        """
         end = min(self.size, offset + size)
         if offset >= end:
-            return b""
-        spans: list[tuple[bytes, int, int, int]] = []  # (id, length, lo, hi)
+            return bytearray()
+        out = bytearray(end - offset)
+        view = memoryview(out)
+        stored: list[Span] = []
         si = bisect.bisect_right(self._seg_offs, offset) - 1
         pos = offset
         while pos < end and si < len(self.segs):
@@ -174,26 +195,29 @@ class FileContent:
                 cid, n = entries[ci]
                 cstart = base + seg.offsets[ci]
                 lo, hi = pos - cstart, min(n, end - cstart)
-                spans.append((cid, n, lo, hi))
+                if cid != ZERO_ID:  # a hole: the buffer's zeros already
+                    data = self.pending.get(cid)
+                    if data is not None and len(data) == n:
+                        view[pos - offset : pos - offset + hi - lo] = memoryview(data)[lo:hi]
+                    else:
+                        stored.append((cid, n, lo, hi, pos - offset))
                 pos = cstart + hi
                 ci += 1
             si += 1
+        if stored and self._read_into is not None:
+            stored = [stored[i] for i in self._read_into(stored, view)]
         got: dict[bytes, bytes] = {}
-        if self._get_chunks_stored is not None:
-            stored = [c for c, _, _, _ in spans if c != ZERO_ID and c not in self.pending]
-            if len(stored) > 1:
-                got = {c: d for c, d in zip(stored, self._get_chunks_stored(stored), strict=True)
-                       if d is not None}
-        out = bytearray()
-        for cid, n, lo, hi in spans:
-            if cid == ZERO_ID:
-                out += bytes(hi - lo)
-                continue
+        if len(stored) > 1 and self._get_chunks_stored is not None:
+            ids = [c for c, _, _, _, _ in stored]
+            got = {c: d for c, d in zip(ids, self._get_chunks_stored(ids), strict=True)
+                   if d is not None}
+        for cid, n, lo, hi, dst in stored:
             data = got.get(cid)
             if data is None or len(data) != n:
                 data = self._entry_bytes(cid, n)  # the checks and errors, one chunk
-            out += memoryview(data)[lo:hi]
-        return bytes(out)
+            view[dst : dst + hi - lo] = memoryview(data)[lo:hi]
+        view.release()
+        return out
 
     def hole_bytes(self) -> int:
         """Bytes in holes, over the loaded segments (a file's edits load what they touch)."""

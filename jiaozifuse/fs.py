@@ -755,7 +755,7 @@ class Ops(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._wt_attr(node)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         h = self.handles[fh]
         if h.ino == MARKER:
             return self.marker[off : off + size]
@@ -766,7 +766,7 @@ class Ops(pyfuse3.Operations):
                 await self._prefetch(h, content, off, size)
             else:
                 self._advise(h, content, off, size)
-            return content.read(off, size)
+            return content.read_buffer(off, size)
         if h.ino in self.busy:
             await self.settle(h.ino)
         of = self.wt.open_files.get(h.ino)

@@ -66,6 +66,7 @@ import lmdb
 
 from .chunklog import ChunkLog, coalesce, pack_loc, unpack_loc
 from .errors import Corrupt, FormatError, JiaoziError, StoreFull
+from .filecontent import Span
 
 #: 2: chunks may live in the chunk log (``chunkloc``), which format-1 readers miss
 FORMAT_VERSION = 2
@@ -188,6 +189,51 @@ class Txn:
             for i, off, n in members:
                 out[i] = bytes(whole[off - lo : off - lo + n])
         return out
+
+    def read_into(self, spans: list[Span], out: memoryview,
+                  fresh: dict[bytes, bytes] | None = None) -> list[bool]:
+        """Copy parts of stored chunks into *out*; which spans were filled.
+
+        Each span ``(id, length, lo, hi, dst)`` asks for bytes ``lo:hi`` of
+        the chunk *id* (of *length* bytes) at ``out[dst:]``.  Spans whose
+        bytes lie end to end in the chunk log and in *out* (a file written
+        or fetched sequentially, read sequentially) are read with one
+        preadv straight into *out*.  A span is left unfilled when the chunk
+        is not stored here (or *fresh*, locators of a commit in flight,
+        does not name it) or is stored with another length: the caller
+        takes its slow path, with its checks and errors, for those.
+        """
+        done = [False] * len(spans)
+        runs: list[list] = []  # [seg, log_lo, log_hi, dst_lo, dst_hi, members]
+        chunks_db = self._dbs["chunks"]
+        for i, (cid, n, lo, hi, dst) in enumerate(spans):
+            data = self.txn.get(cid, db=chunks_db)
+            if data is not None:
+                if len(data) == n:
+                    out[dst : dst + hi - lo] = memoryview(data)[lo:hi]
+                    done[i] = True
+                continue
+            loc = self.chunk_loc(cid)
+            if loc is None and fresh:
+                loc = fresh.get(cid)
+            if loc is None or self.log is None:
+                continue
+            seg, off, m = unpack_loc(loc)
+            if m != n:
+                continue
+            a, b = off + lo, off + hi
+            r = runs[-1] if runs else None
+            if r is not None and r[0] == seg and r[2] == a and r[4] == dst and \
+                    b - r[1] <= (8 << 20):
+                r[2], r[4] = b, dst + hi - lo
+                r[5].append(i)
+            else:
+                runs.append([seg, a, b, dst, dst + hi - lo, [i]])
+        for seg, a, _, d0, d1, members in runs:
+            self.log.read_into(seg, a, out[d0:d1])
+            for i in members:
+                done[i] = True
+        return done
 
     def chunk_loc(self, cid: bytes) -> bytes | None:
         """The chunk log locator of a chunk, None if it is not in the log."""
@@ -460,6 +506,23 @@ class Store:
                 for i, data in zip(misses, r.get_chunks([ids[i] for i in misses]), strict=True):
                     out[i] = data
         return out
+
+    def read_into(self, spans: list[Span], out: memoryview) -> list[bool]:
+        """:meth:`Txn.read_into` with :meth:`get_chunks`' rule for a commit in
+        flight: the committed state and the fresh locators answer first,
+        only what they miss waits for the commit."""
+        if self._inflight is None:
+            with self.read() as r:
+                return r.read_into(spans, out)
+        with self.snapshot() as r:
+            done = r.read_into(spans, out, self._fresh_inflight)
+        misses = [i for i, ok in enumerate(done) if not ok]
+        if misses:
+            with self.read() as r:
+                again = r.read_into([spans[i] for i in misses], out)
+            for i, ok in zip(misses, again, strict=True):
+                done[i] = ok
+        return done
 
     def note_fresh(self, locs: dict[bytes, bytes]) -> None:
         """Chunks just put in the batch that readers will want soon (fetched ones).

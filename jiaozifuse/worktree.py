@@ -41,7 +41,7 @@ from typing import Any
 import cbor2
 
 from .errors import Corrupt, Exists, JiaoziError, NotFound
-from .filecontent import FileContent
+from .filecontent import FileContent, ReadInto, Span
 from .objects import (
     EMPTY_MANIFEST_ID,
     EMPTY_TREE_ID,
@@ -211,13 +211,15 @@ class Worktree:
     """Inode-level access to every branch's uncommitted state."""
 
     def __init__(self, store: Store, read_chunk: Callable[[bytes], bytes | None] | None = None,
-                 read_chunks: Callable[[list[bytes]], list[bytes | None]] | None = None):
+                 read_chunks: Callable[[list[bytes]], list[bytes | None]] | None = None,
+                 read_into: ReadInto | None = None):
         self.store = store
         self.open_files: dict[int, OpenFile] = {}
         self._read_chunk_fn = read_chunk
-        #: the batch form of read_chunk; whoever replaces _read_chunk_fn
-        #: replaces or clears this one too (api.py)
+        #: the batch and buffer forms of read_chunk; whoever replaces
+        #: _read_chunk_fn replaces or clears these too (api.py)
         self._read_chunks_fn = read_chunks
+        self._read_into_fn = read_into
         store.failure_hooks.append(self._batch_lost)
         #: called with (kind, ino, links) after each change; the repository
         #: turns them into events and kernel-cache invalidations.
@@ -237,7 +239,8 @@ class Worktree:
             if raw is not None:
                 of.inode = Inode.decode(ino, raw)
             of.content = FileContent(self.read_chunk, self.read_object,
-                                     of.inode.ref or EMPTY_MANIFEST_ID, self.read_chunks)
+                                     of.inode.ref or EMPTY_MANIFEST_ID, self.read_chunks,
+                                     self.read_into)
             of.buf = bytearray()
             of.dirty = False
 
@@ -252,6 +255,13 @@ class Worktree:
         if self._read_chunks_fn is not None:
             return self._read_chunks_fn(ids)
         return [self.read_chunk(c) for c in ids]
+
+    def read_into(self, spans: list[Span], out: memoryview) -> list[int]:
+        """Fill spans of a read buffer from the store (FileContent.read_buffer);
+        the indices of those left for read_chunks."""
+        if self._read_into_fn is not None:
+            return self._read_into_fn(spans, out)
+        return list(range(len(spans)))
 
     def read_object(self, oid: bytes) -> bytes | None:
         with self.store.read() as r:
@@ -683,7 +693,7 @@ class Worktree:
                 raise JiaoziError("not a regular file", errno.EISDIR)
             content = FileContent(
                 self.read_chunk, self.read_object, node.ref or EMPTY_MANIFEST_ID,
-                self.read_chunks,
+                self.read_chunks, self.read_into,
             )
             of = OpenFile(node, content)
             self.open_files[ino] = of
@@ -708,12 +718,12 @@ class Worktree:
                     w.delete("orphans", _be(ino))
         return of
 
-    def read(self, ino: int, offset: int, size: int) -> bytes:
+    def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
         of = self.open_files.get(ino)
         if of is None:
             of = self.open(ino)
             try:
-                return of.content.read(offset, size)
+                return of.content.read_buffer(offset, size)
             finally:
                 of.opens -= 1
                 if of.opens <= 0:
@@ -725,7 +735,7 @@ class Worktree:
             ):
                 return bytes(of.buf[offset - bstart : offset - bstart + size])
             of.apply_buffer()
-        return of.content.read(offset, size)
+        return of.content.read_buffer(offset, size)
 
     def write(self, ino: int, offset: int, data: bytes, auto_spill: bool = True) -> int:
         """Buffer a write; returns the number of bytes taken.

@@ -313,3 +313,49 @@ def test_ranges_that_touch_are_punched_whole(store: Store) -> None:
     with open(path, "rb") as f:
         f.seek(off)
         assert f.read(n) == keep
+
+
+def test_read_into_fills_spans_straight_from_the_log(monkeypatch: pytest.MonkeyPatch,
+                                                     store: Store) -> None:
+    """Parts of chunks lying end to end in the log land in the buffer with one
+    preadv; an inline chunk is copied in; a chunk not stored, or stored with
+    another length than asked, is left for the caller's checked path."""
+    logged = [chunk(i) for i in range(50, 56)]
+    put_logged(store, logged)
+    inline_id, inline = chunk(60, 1000)
+    with store.write() as w:
+        w.put_chunk(inline_id, inline)
+    fresh_id, fresh_data = chunk(61, 4096)
+    fresh = store.append_chunks([(fresh_id, fresh_data)])  # appended, no locator stored yet
+    missing = hash_bytes(b"not stored")
+    # (id, length, lo, hi): the first logged chunk from 1000, the last to 500
+    parts = [(logged[0][0], 65536, 1000, 65536)]
+    parts += [(c, 65536, 0, 65536) for c, _ in logged[1:5]]
+    parts += [(logged[5][0], 65536, 0, 500), (inline_id, 1000, 10, 990),
+              (missing, 300, 0, 300), (logged[2][0], 4096, 0, 4096),
+              (fresh_id, 4096, 96, 4000)]
+    spans, dst = [], 0
+    for cid, n, lo, hi in parts:
+        spans.append((cid, n, lo, hi, dst))
+        dst += hi - lo
+    buf = bytearray(b"\xee" * dst)
+    calls: list[int] = []
+    real = os.preadv
+
+    def counting(fd: int, views: list, off: int) -> int:
+        calls.append(sum(len(v) for v in views))
+        return real(fd, views, off)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    with store.snapshot() as r:
+        done = r.read_into(spans, memoryview(buf))
+    assert done == [True] * 7 + [False, False, False]
+    data = dict(logged) | {inline_id: inline}
+    for (cid, _, lo, hi, at), ok in zip(spans, done, strict=True):
+        want = data[cid][lo:hi] if ok else b"\xee" * (hi - lo)  # unfilled: untouched
+        assert buf[at : at + hi - lo] == want
+    assert calls == [64536 + 4 * 65536 + 500]  # end to end in the log and the buffer: one read
+    with store.snapshot() as r:  # a commit in flight: its fresh locators answer too
+        done = r.read_into(spans[-1:], memoryview(buf), fresh)
+    assert done == [True]
+    assert buf[spans[-1][4]:] == fresh_data[96:4000]

@@ -862,3 +862,53 @@ def test_export_into_a_regular_file_is_a_user_error(tmp_repo, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(JiaoziError):
         tmp_repo.export("main", tmp_path / "afile")
+
+
+def test_reads_fill_the_buffer_from_verified_chunks_only(tmp_path, monkeypatch) -> None:
+    """A read of chunks checked before goes straight from the store into the
+    reply buffer; a chunk not checked since the repository was opened goes the
+    checked way, so a flipped bit on disk is an error, never served."""
+    from jiaozifuse.errors import Corrupt
+    from jiaozifuse.store import Store
+
+    data = os.urandom(3 << 20)
+    repo = Repository.init(tmp_path / "repo")
+    try:
+        write(repo, "big.bin", data)
+    finally:
+        repo.close()
+    repo = Repository.open(tmp_path / "repo")
+    try:
+        assert read(repo, "big.bin") == data  # every chunk checked on this first read
+        filled: list[int] = []
+        real = Store.read_into
+
+        def spy(self, spans, out):
+            done = real(self, spans, out)
+            filled.extend(hi - lo for (_, _, lo, hi, _), ok in zip(spans, done, strict=True) if ok)
+            return done
+
+        monkeypatch.setattr(Store, "read_into", spy)
+        node = repo.worktree.resolve(repo.root_ino("main"), "big.bin")
+        for off in (0, 12345, (1 << 20) - 7, len(data) - 100):
+            assert repo.worktree.read(node.ino, off, 200_000) == data[off : off + 200_000]
+        assert sum(filled) == sum(len(data[o : o + 200_000])
+                                  for o in (0, 12345, (1 << 20) - 7, len(data) - 100))
+    finally:
+        repo.close()
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "repo" / "store"), max_dbs=32)
+    with env.begin(write=True) as t:  # flip a bit of one stored chunk
+        db = env.open_db(b"chunks", txn=t)
+        key, value = next((bytes(k), bytes(v)) for k, v in t.cursor(db=db) if len(v) > 1000)
+        bad = bytearray(value)
+        bad[100] ^= 0x40
+        t.put(key, bytes(bad), db=db)
+    env.close()
+    repo = Repository.open(tmp_path / "repo")
+    try:
+        with pytest.raises(Corrupt):
+            read(repo, "big.bin")
+    finally:
+        repo.close()
