@@ -59,6 +59,8 @@ SUPPORTED_TYPES = (
     stat.S_IFBLK,
 )
 NAME_MAX = 255
+#: Directory entries looked up per read transaction while listing (Worktree.readdir).
+READDIR_BATCH = 256
 
 #: Write buffers larger than this are chunked and stored before close.
 FLUSH_BYTES = 16 << 20
@@ -420,31 +422,42 @@ class Worktree:
                 raise NotFound(f"no such file: {name.decode(errors='replace')}")
             return self._get(w, child)
 
-    def readdir(self, ino: int, after_seq: int = 0) -> Iterator[tuple[bytes, Inode, int]]:
-        """Yield (name, inode, seq) after listing position *after_seq*."""
+    def readdir(self, ino: int, after_seq: int = 0,
+                batch: int = READDIR_BATCH) -> Iterator[tuple[bytes, Inode, int]]:
+        """Yield (name, inode, seq) after listing position *after_seq*.
+
+        Entries are looked up *batch* at a time, each batch in its own read
+        transaction: a FUSE readdir takes only what fits in its reply buffer
+        (about 800 entries in 128 KiB) and asks again from there, so looking
+        up every remaining entry on each call made listing a directory of
+        10,000 entries quadratic (0.4 s for ``ls -l``).
+        """
         d = self.getattr(ino)
         if not d.is_dir:
             raise JiaoziError("not a directory", errno.ENOTDIR)
         if not d.loaded:
             with self.store.write() as w:
                 self._ensure_loaded(w, self._get(w, ino))
-        with self.store.read() as r:
-            prefix = _be(ino)
-            cur = r.cursor("dirseq")
-            if not cur.set_range(prefix + _be(after_seq + 1)):
-                return
-            rows = []
-            for k, name in cur:
-                if not k.startswith(prefix):
-                    break
-                rows.append((int.from_bytes(k[8:], "big"), name))
+        prefix = _be(ino)
+        while True:
             out = []
-            for seq, name in rows:
-                child = self._child(r, ino, name)
-                if child is None:
-                    continue
-                out.append((bytes(name), self._get(r, child), seq))
-        yield from out
+            with self.store.read() as r:
+                cur = r.cursor("dirseq")
+                if not cur.set_range(prefix + _be(after_seq + 1)):
+                    return
+                rows: list[tuple[int, bytes]] = []
+                for k, name in cur:
+                    if not k.startswith(prefix) or len(rows) >= batch:
+                        break
+                    rows.append((int.from_bytes(k[8:], "big"), bytes(name)))
+                for seq, name in rows:
+                    child = self._child(r, ino, name)
+                    if child is not None:
+                        out.append((name, self._get(r, child), seq))
+            yield from out
+            if len(rows) < batch:
+                return
+            after_seq = rows[-1][0]
 
     # ------------------------------------------------------------- namespace
 

@@ -210,6 +210,49 @@ def test_readdir_offsets_are_stable(wt_root):
     assert [n for n, _, _ in wt.readdir(root, after_seq=seqs[-1])] == [b"new"]
 
 
+@pytest.mark.parametrize("batch", [1, 3, 7, 256])
+def test_readdir_in_batches_lists_every_entry_once(wt_root, batch):
+    """Listing in batches of lookups gives the same rows as one pass, with
+    deleted entries (holes in the sequence) falling inside and across batches;
+    an entry made mid-listing is listed once or not at all (as POSIX allows),
+    and always when the listing had not looked that far yet."""
+    wt, root = wt_root
+    for i in range(40):
+        wt.create(root, b"f%02d" % i, FILE)
+    for i in (0, 5, 6, 7, 20, 39):
+        wt.unlink(root, b"f%02d" % i)
+    want = [b"f%02d" % i for i in range(40) if i not in (0, 5, 6, 7, 20, 39)]
+    assert [n for n, _, _ in wt.readdir(root, batch=batch)] == want
+    listing = wt.readdir(root, batch=batch)
+    got = [next(listing)[0] for _ in range(10)]
+    wt.create(root, b"late", FILE)
+    got += [n for n, _, _ in listing]
+    late = [] if batch > 10 else [b"late"]  # a batch already read is not read again
+    assert got == want + late
+
+
+def test_a_short_readdir_looks_up_a_batch_not_the_directory(wt_root, monkeypatch):
+    """A FUSE readdir takes what fits in its buffer and asks again from there:
+    the entries it did not take must not be looked up each time (quadratic)."""
+    from jiaozifuse import worktree as wtmod
+
+    wt, root = wt_root
+    for i in range(3000):
+        wt.create(root, b"e%05d" % i, FILE)
+    looked = []
+    real = wtmod.Worktree._child
+    monkeypatch.setattr(wtmod.Worktree, "_child",
+                        lambda self, r, ino, name: looked.append(name) or real(self, r, ino, name))
+    seq = 0
+    for _ in range(5):  # five replies of 100 entries each, as the kernel asks
+        listing = wt.readdir(root, after_seq=seq)
+        rows = [next(listing) for _ in range(100)]
+        listing.close()
+        seq = rows[-1][2]
+    assert rows[-1][0] == b"e00499"
+    assert len(looked) <= 5 * wtmod.READDIR_BATCH
+
+
 def test_write_read_truncate(wt_root):
     wt, root = wt_root
     node = wt.create(root, b"f", FILE)
