@@ -25,7 +25,6 @@ Every call is blocking (boto3): callers run it in a worker thread.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import struct
@@ -88,21 +87,6 @@ def _is_status(exc: Exception, *codes: int) -> bool:
     resp = getattr(exc, "response", None) or {}
     status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return status in codes
-
-
-def _raw_body(body: Any) -> http.client.HTTPResponse | None:
-    """The http.client response under botocore's StreamingBody and urllib3's
-    response, when reading it directly gives the body's bytes as they are
-    (not chunked, not content-encoded); None otherwise, or when a botocore or
-    urllib3 release no longer has these (private) attributes: the caller
-    then reads through ``body.read``."""
-    stream = getattr(body, "_raw_stream", None)
-    fp = getattr(stream, "_fp", None)
-    if not isinstance(fp, http.client.HTTPResponse) or fp.chunked:
-        return None
-    if not hasattr(stream, "release_conn") or fp.getheader("content-encoding"):
-        return None
-    return fp
 
 
 def _describe(exc: Exception) -> str:
@@ -172,49 +156,23 @@ class Remote:
         r = self._get_object(key, start, length)
         return r["Body"].read(), r.get("ETag", "")
 
-    def get_pieces(self, key: str, start: int, length: int, piece: int,
-                   into: bytearray | None = None) -> Iterator[bytes | memoryview]:
+    def get_pieces(self, key: str, start: int, length: int, piece: int
+                   ) -> Iterator[bytes]:
         """A ranged GET whose body is handed over in pieces of *piece* bytes.
 
         For consumers that work on the body as it arrives (hashing and caching
         fetched chunks while the rest is still on the wire), and that keep no
         more of it in memory than they need.  Errors reading the body raise
         :class:`RemoteError` like those of the request.
-
-        With *into* (a buffer of at least *piece* bytes the caller reuses),
-        each piece is a view of it, valid until the next piece is asked for:
-        the body is read from the socket straight into it.  A fetch of 1 GiB
-        otherwise allocates 256 fresh 4 MiB buffers (each page faulted in
-        and zeroed by the kernel) and copies each piece once more out of the
-        HTTP layer; on a cold read that was a tenth of the daemon's CPU.
         """
         from botocore.exceptions import BotoCoreError
         from urllib3.exceptions import HTTPError
 
-        if into is not None and len(into) < piece:
-            raise ValueError(f"a buffer of {len(into)} bytes cannot hold pieces of {piece}")
-        r = self._get_object(key, start, length)
-        body = r["Body"]
-        raw = _raw_body(body) if into is not None else None
+        body = self._get_object(key, start, length)["Body"]
         try:
-            if raw is None or into is None:
-                while data := body.read(piece):
-                    yield data
-                return
-            view = memoryview(into)[:piece]
-            left = int(r.get("ContentLength", length))
-            while left > 0:
-                want, got = min(piece, left), 0
-                while got < want:
-                    n = raw.readinto(view[got:want])
-                    if not n:
-                        raise RemoteError(f"GET {key} failed on {self.url}: the body ended "
-                                          f"{left - got} bytes early")
-                    got += n
-                left -= got
-                yield view[:got]
-            body._raw_stream.release_conn()  # read to the end: the connection is reusable
-        except (BotoCoreError, HTTPError, OSError, http.client.HTTPException) as exc:
+            while data := body.read(piece):
+                yield data
+        except (BotoCoreError, HTTPError, OSError) as exc:
             raise RemoteError(f"GET {key} failed on {self.url}: {_describe(exc)}") from None
         finally:
             body.close()

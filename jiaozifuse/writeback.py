@@ -38,7 +38,6 @@ import concurrent.futures
 import json
 import logging
 import struct
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -878,10 +877,6 @@ def _cut(group: list[tuple[int, int, bytes]], start: int, pieces: Iterable[bytes
         base = end
 
 
-#: each fetch thread's piece buffer (fetch_to_log)
-_piece_buffers = threading.local()
-
-
 def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
                  ) -> tuple[dict[bytes, int], dict[bytes, bytes]]:
     """Fetch chunks and write them to the chunk log (a worker thread).
@@ -910,12 +905,7 @@ def fetch_to_log(store: Store, remote: Remote, ids: list[bytes]
         pack, start, end, group = req
         locs: dict[bytes, bytes] = {}
         seen: set[bytes] = set()
-        # one piece buffer per fetch thread, reused: every view of a piece
-        # is hashed and written to the log before the next piece is read
-        buf = getattr(_piece_buffers, "buf", None)
-        if buf is None or len(buf) < FETCH_PIECE:
-            buf = _piece_buffers.buf = bytearray(FETCH_PIECE)
-        pieces = remote.get_pieces(_pack_key(pack), start, end - start, FETCH_PIECE, buf)
+        pieces = remote.get_pieces(_pack_key(pack), start, end - start, FETCH_PIECE)
         for done in _cut(group, start, pieces):
             good = [(cid, data) for cid, data in done if hash_bytes(data) == cid]
             seen.update(cid for cid, _ in good)

@@ -132,9 +132,9 @@ def test_a_chunk_corrupted_in_flight_is_fetched_again(pushed, monkeypatch) -> No
     real = repo.remote.get_pieces
     calls = []
 
-    def flaky(key, start, length, piece, into=None):
+    def flaky(key, start, length, piece):
         calls.append(key)
-        for i, p in enumerate(real(key, start, length, piece, into)):
+        for i, p in enumerate(real(key, start, length, piece)):
             if len(calls) == 1 and i == 0:  # one bit of the first GET's first piece
                 p = bytearray(p)
                 p[len(p) // 2] ^= 1
@@ -333,8 +333,8 @@ def test_a_get_failing_mid_body_leaves_no_bytes_in_the_log(pushed, monkeypatch) 
     ids = chunk_ids(repo)
     real = repo.remote.get_pieces
 
-    def cut_off(key, start, length, piece, into=None):
-        for i, p in enumerate(real(key, start, length, piece, into)):
+    def cut_off(key, start, length, piece):
+        for i, p in enumerate(real(key, start, length, piece)):
             if i == 3:
                 raise RemoteError("GET: connection reset (injected)")
             yield p
@@ -346,57 +346,3 @@ def test_a_get_failing_mid_body_leaves_no_bytes_in_the_log(pushed, monkeypatch) 
     assert log_blocks(repo) - before < 64  # 3 MiB were written: 6,144 blocks
     with repo.store.read() as r:
         assert not any(r.has_chunk(c) for c in ids)
-
-
-def _pool(remote):
-    """urllib3's connection pool botocore uses for this remote's endpoint."""
-    manager = remote.s3._endpoint.http_session._manager
-    return manager.connection_from_url(remote.s3.meta.endpoint_url)
-
-
-def test_pieces_read_into_a_buffer_are_the_body(creds) -> None:
-    """The body read from the socket straight into the caller's buffer gives
-    the same bytes as botocore's read, for pieces that divide the range and
-    pieces that do not, and leaves the connection reusable."""
-    from jiaozifuse.remote import Remote
-
-    s3, name = creds
-    remote = Remote(f"s3://{name}/pieces", endpoint_url=s3.endpoint)
-    body = data(3 << 20, 9)
-    remote.put("blob", body)
-    buf = bytearray(1 << 20)
-    for start, length, piece in [(0, 3 << 20, 1 << 20), (12345, 2_000_001, 300_000),
-                                 (1, 5, 1 << 20), ((3 << 20) - 7, 7, 3)]:
-        plain = b"".join(remote.get_pieces("blob", start, length, piece))
-        views = [bytes(v) for v in remote.get_pieces("blob", start, length, piece, buf)]
-        assert plain == b"".join(views) == body[start : start + length]
-        assert all(len(v) == piece for v in views[:-1])
-    before = _pool(remote).num_connections
-    for _ in range(10):
-        for _ in remote.get_pieces("blob", 0, 1 << 20, 1 << 18, buf):
-            pass
-    assert _pool(remote).num_connections == before  # each GET went on a pooled connection
-
-
-def test_a_body_ending_early_is_an_error(creds, monkeypatch) -> None:
-    from jiaozifuse import remote as remote_mod
-    from jiaozifuse.remote import Remote, RemoteError
-
-    s3, name = creds
-    remote = Remote(f"s3://{name}/pieces", endpoint_url=s3.endpoint)
-    remote.put("blob", data(1 << 20, 3))
-    real = remote_mod._raw_body
-
-    class Short:
-        def __init__(self, fp) -> None:
-            self.fp, self.left = fp, 300_000
-
-        def readinto(self, view) -> int:
-            n = self.fp.readinto(view[: min(len(view), self.left)]) if self.left else 0
-            self.left -= n
-            return n
-
-    monkeypatch.setattr(remote_mod, "_raw_body", lambda body: Short(real(body)))
-    with pytest.raises(RemoteError, match="ended 748576 bytes early"):
-        for _ in remote.get_pieces("blob", 0, 1 << 20, 1 << 20, bytearray(1 << 20)):
-            pass
