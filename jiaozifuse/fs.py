@@ -45,6 +45,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,7 @@ import trio
 from .chunking import chunk_and_hash
 from .errors import JiaoziError, NotFound
 from .filecontent import FileContent
-from .objects import TreeEntry
+from .objects import Tree, TreeEntry
 from .repo import Repository, check_ref_name
 from .worktree import Inode
 
@@ -67,6 +68,8 @@ TAGS = 3
 MARKER = 4
 SNAP_BASE = 1 << 48
 MARKER_NAME = b".jiaozifuse-mount"
+#: Decoded snapshot trees kept in memory, counted in entries (Ops._tree).
+TREE_CACHE_ENTRIES = 100_000
 
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
@@ -231,6 +234,9 @@ class Ops(pyfuse3.Operations):
         self.marker = (json.dumps(info or {"repo": str(repo.path)}) + "\n").encode()
         self.snaps: dict[int, SnapNode] = {}
         self.snap_index: dict[tuple[int, bytes], int] = {}
+        #: tree id -> decoded tree, least recently used first (see _tree)
+        self._trees: OrderedDict[bytes, Tree] = OrderedDict()
+        self._tree_entries = 0
         self.next_snap = SNAP_BASE
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
@@ -306,6 +312,27 @@ class Ops(pyfuse3.Operations):
             a.st_ino = ROOT
         return a
 
+    def _tree(self, tid: bytes) -> Tree:
+        """A snapshot directory's tree, decoded once while it is in use.
+
+        Each lookup in a snapshot directory needs its tree's index by name,
+        and each readdir reply its entries; decoding the tree for every one
+        made reading the files of a 10,000-entry directory quadratic.  Trees
+        are immutable (named by their content), so nothing invalidates them;
+        the cache is bounded by TREE_CACHE_ENTRIES entries.
+        """
+        tree = self._trees.get(tid)
+        if tree is not None:
+            self._trees.move_to_end(tid)
+            return tree
+        tree = self.repo.get_tree(tid)
+        self._trees[tid] = tree
+        self._tree_entries += len(tree.entries)
+        while self._tree_entries > TREE_CACHE_ENTRIES and len(self._trees) > 1:
+            _, old = self._trees.popitem(last=False)
+            self._tree_entries -= len(old.entries)
+        return tree
+
     def _snap_attr(self, n: SnapNode) -> pyfuse3.EntryAttributes:
         e = n.entry
         a = pyfuse3.EntryAttributes()
@@ -313,7 +340,7 @@ class Ops(pyfuse3.Operations):
         a.st_mode = e.mode & ~0o222
         if e.is_dir:
             if n.subdirs < 0:
-                n.subdirs = sum(1 for c in self.repo.get_tree(e.ref).entries if c.is_dir)
+                n.subdirs = sum(1 for c in self._tree(e.ref).entries if c.is_dir)
             a.st_nlink = 2 + n.subdirs
         else:
             a.st_nlink = 1
@@ -456,7 +483,7 @@ class Ops(pyfuse3.Operations):
             p = self.snaps.get(parent)
             if p is None or not p.entry.is_dir:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            child = self.repo.get_tree(p.entry.ref).get(name)
+            child = self._tree(p.entry.ref).get(name)
             if child is None:
                 a = self._negative()
                 a.entry_timeout = SNAP_TIMEOUT
@@ -541,7 +568,7 @@ class Ops(pyfuse3.Operations):
                 n.lookups += 1
         elif ino >= SNAP_BASE:
             p = self.snaps[ino]
-            entries = self.repo.get_tree(p.entry.ref).entries
+            entries = self._tree(p.entry.ref).entries
             for i in range(start_id, len(entries)):
                 e = entries[i]
                 n = self._snap_child(ino, e.name, p.commit, e)
