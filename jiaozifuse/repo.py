@@ -302,7 +302,7 @@ class Repository:
         if not known:
             return list(range(len(spans)))
         done = self.store.read_into([spans[i] for i in known], out)
-        filled = set()
+        filled: set[int] = set()
         touch = self.access.touch if self.config.get("remote") else None
         for i, ok in zip(known, done, strict=True):
             if ok:
