@@ -141,6 +141,23 @@ INODE_ARGS = {
 }
 
 
+def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
+    """The open reply for a branch file: pages kept between opens; an O_APPEND
+    handle bypasses the page cache (direct_io).
+
+    Through the page cache, the kernel cuts a write() into two FUSE writes
+    where it crosses from a page it does not hold whole (the partly written
+    tail page of a growing file, always) into the next, and a commit or a
+    reader can fall between the two: an appended line half in a snapshot.
+    With direct_io the kernel sends each write() as one request (up to
+    max_write), and the daemon applies a request whole.  Not keeping the
+    cache on such an open also drops pages other handles may hold of the
+    tail the appends change.
+    """
+    append = bool(flags & os.O_APPEND)
+    return pyfuse3.FileInfo(fh=fh, keep_cache=not append, direct_io=append)
+
+
 def handler(fn: Callable) -> Callable:
     """Turn every error into an errno; an unexpected one is logged, never fatal."""
     positions = INODE_ARGS.get(fn.__name__, ())
@@ -767,7 +784,7 @@ class Ops(pyfuse3.Operations):
             truncated = True
         fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False,
                                  wrote=truncated))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return _file_info(fh, flags)
 
     @handler
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -779,7 +796,7 @@ class Ops(pyfuse3.Operations):
         self.wt.open(node.ino)
         self._event("create", parent, name, size=0)
         fh = self._new_fh(Handle(node.ino, True, bool(flags & os.O_APPEND), False, wrote=True))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._wt_attr(node)
+        return _file_info(fh, flags), self._wt_attr(node)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:

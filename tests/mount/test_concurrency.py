@@ -338,3 +338,58 @@ def test_daemon_logged_no_unexpected_errors(shared: Mount) -> None:
     """Runs last: nothing above made a handler fail unexpectedly (an EIO and a traceback)."""
     log = (shared.repo / "run" / "daemon.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-5000:]
+
+
+def test_an_append_reaches_the_daemon_as_one_write(mount_factory) -> None:
+    """A write() that crosses a page boundary is one FUSE write, so no commit or
+    reader can fall between its halves: through the page cache the kernel cuts it
+    where it leaves a page it does not hold whole (a growing file's tail page),
+    which put half-lines into snapshots of appended logs."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = mount_factory("r", "--metrics-addr", f"127.0.0.1:{port}")
+
+    def writes() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        for line in text.decode().splitlines():
+            if line.startswith('jiaozifuse_fuse_requests_total{op="write"}'):
+                return float(line.rpartition(" ")[2])
+        return 0.0
+
+    path = m.main / "app.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b"a" * 4000 + b"\n")
+        for k in range(1, 6):  # lines across the 4 KiB boundaries after it
+            before = writes()
+            os.write(fd, b"%d" % k * 2000 + b"\n")
+            assert writes() - before == 1, f"line {k} reached the daemon in pieces"
+    finally:
+        os.close(fd)
+    want = b"a" * 4000 + b"\n" + b"".join(b"%d" % k * 2000 + b"\n" for k in range(1, 6))
+    assert path.read_bytes() == want
+
+
+def test_a_reader_sees_what_an_appender_adds(mnt: Mount) -> None:
+    """Appends bypass the page cache; a reader holding the file's cached tail
+    page, by its own descriptor or a new one, still reads every appended byte."""
+    path = mnt.main / "grow.log"
+    path.write_bytes(b"0" * 3000)
+    r = os.open(path, os.O_RDONLY)
+    a = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert os.pread(r, 1 << 16, 0) == b"0" * 3000  # the tail page is now cached
+        want = b"0" * 3000
+        for k in range(1, 6):
+            line = b"%d" % k * 1500 + b"\n"
+            os.write(a, line)
+            want += line
+            assert os.pread(r, 1 << 16, 0) == want, f"stale after append {k}"
+            assert path.read_bytes() == want
+    finally:
+        os.close(a)
+        os.close(r)
