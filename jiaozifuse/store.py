@@ -95,6 +95,27 @@ def _be64(n: int) -> bytes:
     return n.to_bytes(8, "big")
 
 
+#: The most one read of the chunk log takes (Txn.get_chunks, Txn.read_into).
+RUN_MAX = 8 << 20
+
+
+def _runs(ranges: list[tuple[int, int, int, int, int]]
+          ) -> list[tuple[int, int, int, int, list[int]]]:
+    """Group log ranges ``(key, seg, lo, hi, dst)`` that follow each other both
+    in one segment and at their destination into runs of at most RUN_MAX
+    bytes, one read each: ``(seg, lo, hi, dst, positions in ranges)``."""
+    runs: list[list] = []
+    for k, (_, seg, lo, hi, dst) in enumerate(ranges):
+        r = runs[-1] if runs else None
+        if r is not None and r[0] == seg and r[2] == lo and r[3] + (lo - r[1]) == dst \
+                and hi - r[1] <= RUN_MAX:
+            r[2] = hi
+            r[4].append(k)
+        else:
+            runs.append([seg, lo, hi, dst, [k]])
+    return [(seg, lo, hi, dst, members) for seg, lo, hi, dst, members in runs]
+
+
 class Txn:
     """A transaction handle that knows the named databases."""
 
@@ -162,7 +183,7 @@ class Txn:
         chunks that lie end to end in the log (a file written or fetched
         sequentially), instead of one per chunk."""
         out: list[bytes | None] = [None] * len(ids)
-        runs: list[tuple[int, int, int, list[tuple[int, int, int]]]] = []
+        ranges: list[tuple[int, int, int, int, int]] = []
         chunks_db = self._dbs["chunks"]
         for i, cid in enumerate(ids):
             data = self.txn.get(cid, db=chunks_db)
@@ -173,21 +194,15 @@ class Txn:
             if loc is None or self.log is None:
                 continue
             seg, off, n = unpack_loc(loc)
-            if runs and runs[-1][0] == seg and runs[-1][2] == off and \
-                    runs[-1][2] - runs[-1][1] + n <= (8 << 20):
-                r = runs[-1]
-                r[3].append((i, off, n))
-                runs[-1] = (seg, r[1], off + n, r[3])
-            else:
-                runs.append((seg, off, off + n, [(i, off, n)]))
-        for seg, lo, hi, members in runs:
+            ranges.append((i, seg, off, off + n, off))
+        for seg, lo, hi, _, members in _runs(ranges):
+            whole = self.log.read(pack_loc(seg, lo, hi - lo))
             if len(members) == 1:
-                i, off, n = members[0]
-                out[i] = self.log.read(pack_loc(seg, off, n))
+                out[members[0]] = whole
                 continue
-            whole = memoryview(self.log.read(pack_loc(seg, lo, hi - lo)))
-            for i, off, n in members:
-                out[i] = bytes(whole[off - lo : off - lo + n])
+            view = memoryview(whole)
+            for i, _, off, end, _ in (ranges[k] for k in members):
+                out[i] = bytes(view[off - lo : end - lo])
         return out
 
     def read_into(self, spans: list[Span], out: memoryview,
@@ -204,7 +219,7 @@ class Txn:
         takes its slow path, with its checks and errors, for those.
         """
         done = [False] * len(spans)
-        runs: list[list] = []  # [seg, log_lo, log_hi, dst_lo, dst_hi, members]
+        ranges: list[tuple[int, int, int, int, int]] = []
         chunks_db = self._dbs["chunks"]
         for i, (cid, n, lo, hi, dst) in enumerate(spans):
             data = self.txn.get(cid, db=chunks_db)
@@ -219,20 +234,12 @@ class Txn:
             if loc is None or self.log is None:
                 continue
             seg, off, m = unpack_loc(loc)
-            if m != n:
-                continue
-            a, b = off + lo, off + hi
-            r = runs[-1] if runs else None
-            if r is not None and r[0] == seg and r[2] == a and r[4] == dst and \
-                    b - r[1] <= (8 << 20):
-                r[2], r[4] = b, dst + hi - lo
-                r[5].append(i)
-            else:
-                runs.append([seg, a, b, dst, dst + hi - lo, [i]])
-        for seg, a, _, d0, d1, members in runs:
-            self.log.read_into(seg, a, out[d0:d1])
-            for i in members:
-                done[i] = True
+            if m == n:
+                ranges.append((i, seg, off + lo, off + hi, dst))
+        for seg, lo, hi, dst, members in _runs(ranges):
+            self.log.read_into(seg, lo, out[dst : dst + hi - lo])
+            for k in members:
+                done[ranges[k][0]] = True
         return done
 
     def chunk_loc(self, cid: bytes) -> bytes | None:
