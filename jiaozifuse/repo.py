@@ -325,8 +325,11 @@ class Repository:
             v.popitem(last=False)
 
     def sync(self, progress: Callable[[int], None] | None = None) -> dict:
-        """Upload everything queued (blocking, this process)."""
+        """Upload everything queued (blocking, this process), with a
+        checkpoint of every branch's uncommitted worktree (a clone can
+        recover what this made durable)."""
         self.worktree.flush_all()
+        self.checkpoint()
         sent = writeback.drain_sync(self.store, self.remote, self.is_ancestor, progress)
         self.evict()
         return sent
@@ -632,6 +635,11 @@ class Repository:
             w.delete("refs", b"branch/" + name.encode())
             w.delete("refs", b"wt/" + name.encode())
             self.worktree.drop_tree(w, root)
+            if w.delete("meta", b"ckpt/" + name.encode()):
+                # its checkpoint in the remote goes too (a zero tree means
+                # delete), or it would keep the branch's data from remote gc
+                cache = self.config.get("cache_id", "cache")
+                w.enqueue(b"W" + bytes(64) + f"{cache}/{name}".encode())
         self.emit("branch_delete", branch=name, commit=cid.hex())
 
     def create_tag(self, name: str, ref: str | None = None) -> bytes:
