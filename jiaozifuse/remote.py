@@ -108,10 +108,17 @@ class Remote:
 
         self.url = RemoteURL.parse(url) if isinstance(url, str) else url
         self.endpoint_url = endpoint_url or os.environ.get("JIAOZIFUSE_S3_ENDPOINT") or None
+        # No SHA-256 of each body for the signature (UNSIGNED-PAYLOAD): over
+        # https botocore already leaves it out, but over plain http (a store
+        # on the local network) it hashed every pack, about half the upload
+        # path's CPU (1.08 -> 0.47 CPU s/GiB, 160 -> 183 MiB/s for 32 MiB
+        # PUTs to SeaweedFS here).  The body is still covered by the CRC32
+        # checksum botocore sends with it, and every chunk and object is
+        # checked against its blake3 id whenever it is read back.
         cfg = Config(
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             retries={"max_attempts": attempts, "mode": "standard"},
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path", "payload_signing_enabled": False},
             max_pool_connections=16,
         )
         session = boto3.session.Session()
