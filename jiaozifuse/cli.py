@@ -260,7 +260,9 @@ def _sync_with_progress(c: Ctx) -> tuple[dict, dict]:
 def sync(obj: Ctx, wait: bool, repo_opt: str | None, as_json: bool) -> None:
     """Upload what is queued; with --wait, until it is all in S3.
 
-    On a terminal a progress bar of the queued bytes runs on stderr; piped
+    Every branch's uncommitted worktree is checkpointed first, so that what
+    this makes durable can be recovered from the remote alone (clone
+    --recover).  On a terminal a progress bar of the queued bytes runs on stderr; piped
     or with --json the output is plain.
     """
     c = _ctx(obj, repo_opt)
