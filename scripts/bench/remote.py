@@ -48,6 +48,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,7 @@ JZ_EXTRA = {
     "sync_packs": "packs uploaded by sync",
     "clone_s": "jiaozifuse clone (metadata only), s",
     "mount_s": "jiaozifuse mount until ready, s",
+    "cold_read_fetched_ratio": "cold read: bytes fetched from S3 per byte read",
     "cold_read_cpu_daemon": "cold read: daemon CPU, s per GiB",
     "cold_read_cpu_server": "cold read: S3 server CPU, s per GiB (boto3's: see the log)",
 }
@@ -223,9 +225,30 @@ class CloneTarget(common.JiaozifuseTarget):
 
     def __init__(self, res: common.Resources, url: str, endpoint: str,
                  exe: str | None = None) -> None:
-        super().__init__(res, exe=exe)
+        with socket.socket() as sock:  # a free port for the daemon's metrics
+            sock.bind(("127.0.0.1", 0))
+            self.metrics_addr = f"127.0.0.1:{sock.getsockname()[1]}"
+        super().__init__(res, exe=exe, mount_args=["--metrics-addr", self.metrics_addr])
         self.url, self.endpoint = url, endpoint
         self.clone_s = self.mount_s = float("nan")
+
+    def fetched(self) -> dict[str, float]:
+        """The daemon's counters of what it fetched from S3 (its metrics endpoint)."""
+        import urllib.request
+
+        out = {"remote_bytes": float("nan"), "cache_misses": float("nan")}
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics",
+                                        timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return out
+        for line in text.splitlines():
+            if line.startswith('jiaozifuse_read_bytes_total{source="remote"}'):
+                out["remote_bytes"] = float(line.split()[-1])
+            elif line.startswith("jiaozifuse_cache_misses_total "):
+                out["cache_misses"] = float(line.split()[-1])
+        return out
 
     def setup(self, root: Path) -> Path:
         if self.exe is None:
@@ -449,9 +472,12 @@ def read_jz(r: Round) -> None:
         r.put("jiaozifuse", "cold_read_cpu_server", cpu.used["server"] / (r.size / GiB))
         r.put("jiaozifuse", "cold_read", rate(r.size / MiB, seconds))
         r.put("jiaozifuse", "cold_read_vs_single", rate(r.size / MiB, seconds))
+        got = target.fetched()
+        r.put("jiaozifuse", "cold_read_fetched_ratio", got["remote_bytes"] / r.size)
         log(f"  cold read jiaozifuse mount: {rate(r.size / MiB, seconds):.1f} MiB/s "
             f"(clone {target.clone_s:.2f} s, mount {target.mount_s:.2f} s; "
-            f"CPU s/GiB: {cpu.describe(r.size)})")
+            f"CPU s/GiB: {cpu.describe(r.size)}; fetched from S3: "
+            f"{got['remote_bytes'] / MiB:.0f} MiB in {got['cache_misses']:.0f} chunks)")
         if file_digest(path) != r.digest:
             raise RuntimeError("the jiaozifuse mount returned other bytes")
     finally:
