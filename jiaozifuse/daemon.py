@@ -369,12 +369,11 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         if name == "sync":
             if wb is None:
                 raise JiaoziError("this repository has no remote")
-            # Uncommitted work too: the checkpoint names the worktree's tree,
+            # Uncommitted work too: the checkpoint (set above whenever there
+            # is a remote) flushes open files and names the worktree's tree,
             # so that what sync made durable can be recovered by a clone.
             if wb.checkpoint is not None:
                 await wb.checkpoint()
-            else:
-                repo.worktree.flush_all()
             before = wb.sent_bytes
             await wb.drain()
             return {"packs": 0, "bytes": wb.sent_bytes - before, "refs": 0}

@@ -327,8 +327,7 @@ class Repository:
     def sync(self, progress: Callable[[int], None] | None = None) -> dict:
         """Upload everything queued (blocking, this process), with a
         checkpoint of every branch's uncommitted worktree (a clone can
-        recover what this made durable)."""
-        self.worktree.flush_all()
+        recover what this made durable; it flushes open files first)."""
         self.checkpoint()
         sent = writeback.drain_sync(self.store, self.remote, self.is_ancestor, progress)
         self.evict()

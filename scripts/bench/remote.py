@@ -236,6 +236,8 @@ class CloneTarget(common.JiaozifuseTarget):
         """The daemon's counters of what it fetched from S3 (its metrics endpoint)."""
         import urllib.request
 
+        from prometheus_client.parser import text_string_to_metric_families
+
         out = {"remote_bytes": float("nan"), "cache_misses": float("nan")}
         try:
             with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics",
@@ -243,11 +245,12 @@ class CloneTarget(common.JiaozifuseTarget):
                 text = resp.read().decode()
         except OSError:
             return out
-        for line in text.splitlines():
-            if line.startswith('jiaozifuse_read_bytes_total{source="remote"}'):
-                out["remote_bytes"] = float(line.split()[-1])
-            elif line.startswith("jiaozifuse_cache_misses_total "):
-                out["cache_misses"] = float(line.split()[-1])
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "jiaozifuse_read_bytes_total" and s.labels.get("source") == "remote":
+                    out["remote_bytes"] = s.value
+                elif s.name == "jiaozifuse_cache_misses_total":
+                    out["cache_misses"] = s.value
         return out
 
     def setup(self, root: Path) -> Path:
