@@ -284,13 +284,14 @@ class CloneTarget(common.JiaozifuseTarget):
                 self.res.add_daemon(pid)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (all its threads), from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used (all its threads), from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return math.nan, math.nan
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class CPU:
@@ -299,16 +300,21 @@ class CPU:
 
     def __init__(self, **pids: int) -> None:
         self.pids, self.used = pids, dict.fromkeys(pids, math.nan)
+        self.system = dict.fromkeys(pids, math.nan)  # the kernel's part of used
 
     def __enter__(self) -> CPU:
         self.start = {k: cpu_seconds(p) for k, p in self.pids.items()}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.used = {k: cpu_seconds(p) - self.start[k] for k, p in self.pids.items()}
+        for k, p in self.pids.items():
+            (u1, s1), (u0, s0) = cpu_seconds(p), self.start[k]
+            self.used[k], self.system[k] = u1 - u0 + s1 - s0, s1 - s0
 
     def describe(self, size: int) -> str:
-        return ", ".join(f"{k} {v / (size / GiB):.2f}" for k, v in self.used.items())
+        gib = size / GiB
+        return ", ".join(f"{k} {v / gib:.2f} (sys {self.system[k] / gib:.2f})"
+                         for k, v in self.used.items())
 
 
 def read_sequential(path: Path, expect: int) -> float:
