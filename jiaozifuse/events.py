@@ -13,8 +13,9 @@ Retention: the oldest events are dropped once the log holds more than
 has seen them; a consumer that falls that far behind is told by
 :meth:`EventLog.read` (its first event is later than it asked for).
 
-Event fields: ``seq``, ``time_ns``, ``type``, ``branch``, ``path``,
-``old_path`` (moves), ``size``, ``commit``, ``paths`` (commits), and
+Event fields: ``seq``, ``time_ns``, ``type``, ``branch``, ``head`` (the
+branch's head commit when the event happened, after a commit that commit),
+``path``, ``old_path`` (moves), ``size``, ``commit``, ``paths`` (commits), and
 type-specific extras.  Paths are text; bytes that are not UTF-8 are kept
 with the ``surrogateescape`` convention of ``os.fsdecode``.
 """
@@ -75,6 +76,13 @@ class EventLog:
         seq = t.add_counter("event_seq", 1)
         event = {"seq": seq, "time_ns": time.time_ns(), "type": type}
         event.update({k: v for k, v in fields.items() if v is not None})
+        branch = fields.get("branch")
+        if isinstance(branch, str) and "head" not in event:
+            # The branch's head now: the trigger rules in force for this event,
+            # whenever the runner gets to it (a rules commit may come between).
+            head = t.get("refs", b"branch/" + branch.encode())
+            if head is not None:
+                event["head"] = bytes(head).hex()
         t.txn.put(_be(seq), encode(event), db=t._dbs["events"])
         self._appended += 1
         now = event["time_ns"]

@@ -324,13 +324,22 @@ class Runner:
         self.log: EventLog = repo.events
         self._rules: dict[bytes, list[Rule]] = {}
 
-    def rules_for(self, branch: str | None) -> list[Rule]:
+    def rules_for(self, branch: str | None, head: bytes | None = None) -> list[Rule]:
+        """The rules in force on *branch* when an event happened: those committed
+        in *head*, the branch's head then (recorded with the event), not its head
+        when the runner gets to it.  While a slow trigger keeps the runner busy,
+        a write made before a rules commit must not run the rule that commit
+        adds.  Without a recorded head (or if it has been collected since), the
+        branch's head now."""
         if not branch:
             return []
-        try:
-            head = self.repo.head(branch)
-        except NotFound:
-            return []
+        if head is not None and head not in self._rules and not self._exists(head):
+            head = None
+        if head is None:
+            try:
+                head = self.repo.head(branch)
+            except NotFound:
+                return []
         rules = self._rules.get(head)
         if rules is None:
             try:
@@ -341,12 +350,22 @@ class Runner:
             self._rules[head] = rules
         return rules
 
+    def _exists(self, commit: bytes) -> bool:
+        try:
+            self.repo.get_commit(commit)
+            return True
+        except (NotFound, Corrupt):
+            return False
+
     def pending(self, limit: int = 100) -> list[tuple[dict[str, Any], list[Rule]]]:
         out = []
         for ev in self.log.read(self.log.offset(CONSUMER), limit):
-            # events of no branch (tags) use the default branch's rules
-            branch = ev.get("branch") or self.repo.default_branch
-            out.append((ev, [r for r in self.rules_for(branch) if r.matches(ev)]))
+            if ev.get("branch"):
+                head = ev.get("head")
+                rules = self.rules_for(ev["branch"], bytes.fromhex(head) if head else None)
+            else:  # events of no branch (tags): the default branch's rules now
+                rules = self.rules_for(self.repo.default_branch)
+            out.append((ev, [r for r in rules if r.matches(ev)]))
         return out
 
     def run_once(self, limit: int = 100) -> int:

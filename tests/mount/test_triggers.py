@@ -195,10 +195,6 @@ def test_uncommitted_rules_have_no_effect_until_committed(tm: Mount, rec: Path) 
     assert got == [(["v1"], "data/a.csv"), (["v1"], "data/b.csv"), (["v2"], "data/c.csv")]
 
 
-@pytest.mark.xfail(reason="BUG: the runner matches an event against the rules at the "
-                   "branch head when it gets to the event, not those in force when the event "
-                   "happened: while it is busy (a slow trigger), a write made before a rules "
-                   "commit runs the rule that commit adds", strict=True)
 def test_rules_in_force_are_those_committed_when_the_event_happened(tm: Mount, rec: Path
                                                                       ) -> None:
     m = tm
