@@ -10,8 +10,9 @@ Layout under ``s3://BUCKET/PREFIX/``::
     refs/tag/<name>
     worktrees/<cache-id>/<branch>   checkpoint of a cache's uncommitted worktree
 
-Pack ids are the blake3 of the pack's bytes, so re-uploading after a crash
-writes the same keys again (idempotent).  A pack's index is written after
+Pack ids are the blake3 of the pack's index (which names every chunk or
+object in it by its own blake3 id), so re-uploading after a crash writes the
+same keys again (idempotent).  A pack's index is written after
 the pack, and a ref after every pack its commit needs, so a reader never finds
 a name whose content is missing.
 
