@@ -141,7 +141,7 @@ INODE_ARGS = {
 }
 
 
-def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
+def _file_info(fh: int, flags: int, keep_cache: bool = True) -> pyfuse3.FileInfo:
     """The open reply for a branch file: pages kept between opens; an O_APPEND
     handle bypasses the page cache (direct_io).
 
@@ -155,7 +155,7 @@ def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
     tail the appends change.
     """
     append = bool(flags & os.O_APPEND)
-    return pyfuse3.FileInfo(fh=fh, keep_cache=not append, direct_io=append)
+    return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not append, direct_io=append)
 
 
 def handler(fn: Callable) -> Callable:
@@ -776,15 +776,22 @@ class Ops(pyfuse3.Operations):
                                     keep_cache=True)
         if writable and self.read_only:
             raise _erofs()
-        self.wt.open(ino)
+        of = self.wt.open(ino)
         truncated = False
         if flags & os.O_TRUNC and writable:
             await self.settle(ino)
             self.wt.truncate(ino, 0)
             truncated = True
+        # A read that finds the pages cached never reaches us, so the atime a
+        # read should move (relatime) moves at the open for reading, and the
+        # open drops the cached pages: the read comes here, after which the
+        # kernel asks for the attributes again.  Only the first open after a
+        # change (or in a day) pays for it.
+        moved = (not truncated and (flags & os.O_ACCMODE) != os.O_WRONLY
+                 and not self.read_only and self.wt.relatime(of))
         fh = self._new_fh(Handle(ino, writable, bool(flags & os.O_APPEND), False,
                                  wrote=truncated))
-        return _file_info(fh, flags)
+        return _file_info(fh, flags, keep_cache=not moved)
 
     @handler
     async def create(self, parent: int, name: bytes, mode: int, flags: int,

@@ -74,6 +74,10 @@ def _dkey(parent: int, name: bytes) -> bytes:
     return _be(parent) + name
 
 
+#: relatime: a read moves an atime older than this even if nothing changed since
+RELATIME_NS = 24 * 3600 * 10**9
+
+
 def now_ns() -> int:
     return time.time_ns()
 
@@ -712,6 +716,23 @@ class Worktree:
             self.open_files[ino] = of
         of.opens += 1
         return of
+
+    def relatime(self, of: OpenFile) -> bool:
+        """Move an open file's atime to now if a read should, by the rule of
+        ``relatime`` (Linux's default, and what the mount reports): the atime
+        is not later than the mtime or the ctime, or is a day old.  Mail
+        readers, tmpreaper and ``find -atime`` rely on it.  Not a change: the
+        ctime stays, no tree is marked dirty, no event.  True if it moved."""
+        node, now = of.inode, now_ns()
+        if (node.atime_ns > node.mtime_ns and node.atime_ns > node.ctime_ns
+                and now - node.atime_ns < RELATIME_NS):
+            return False
+        node.atime_ns = now
+        with self.store.write() as w:
+            stored = self._get(w, node.ino)
+            stored.atime_ns = now
+            self._put(w, stored)
+        return True
 
     def release(self, ino: int) -> OpenFile | None:
         """Drop one open of *ino*; flush, and forget it after the last one."""

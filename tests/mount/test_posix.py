@@ -916,9 +916,6 @@ def test_posix_acl_xattr_sets_mode(pair: tuple[Path, Path]) -> None:
 # ----------------------------------------------------------- times, owners
 
 
-@pytest.mark.xfail(reason="BUG (minor): reading a file never updates its atime; the mount says "
-                   "relatime, under which a read after a change moves atime (mutt, tmpreaper, "
-                   "find -atime rely on it)", strict=True)
 def test_read_updates_atime_under_relatime(pair: tuple[Path, Path]) -> None:
     def fn(b: Path) -> bool:
         (b / "at").write_text("x")
