@@ -61,6 +61,24 @@ def test_append_read_order_and_fields(tmp_repo: Repository) -> None:
     assert list(log.read(seqs[-1])) == []
 
 
+def test_events_record_the_branch_head_they_happened_at(tmp_repo: Repository,
+                                                        tmp_path: Path) -> None:
+    """The trigger runner matches an event against the rules at this head, not at
+    the branch's head when it gets to the event (a rules commit may come between)."""
+    repo, log = tmp_repo, tmp_repo.events
+    first = log.last_seq()
+    before = repo.head("main")
+    log.append("create", branch="main", path="a")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x").write_text("x")
+    repo.import_dir("main", tmp_path / "src")
+    after = repo.commit("main", "new head")
+    log.append("create", branch="main", path="b")
+    log.append("tag_create", tag="t1", commit=after.hex())
+    evs = [e for e in log.read(first) if e.get("path") in ("a", "b") or e["type"] == "tag_create"]
+    assert [e.get("head") for e in evs] == [before.hex(), after.hex(), None]
+
+
 def test_aborted_transaction_leaves_no_event(tmp_repo: Repository) -> None:
     log = tmp_repo.events
     before = log.last_seq()
