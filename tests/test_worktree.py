@@ -384,6 +384,25 @@ def test_rename_rules(wt_root):
     assert wt.getattr(root).nlink == 3
 
 
+def test_relatime_moves_atime_once_after_a_change_and_changes_nothing_else(tmp_repo):
+    wt, root = tmp_repo.worktree, tmp_repo.root_ino("main")
+    ino = put_file(wt, root, "f", b"data")
+    tmp_repo.commit("main", "c")
+    wt.setattr(ino, atime_ns=1_000_000_000, mtime_ns=2_000_000_000)
+    status = tmp_repo.status("main")
+    before = wt.getattr(ino)
+    of = wt.open(ino)
+    try:
+        assert wt.relatime(of)  # atime not after mtime: a read moves it
+        assert not wt.relatime(of)  # now after mtime and ctime: it stays
+    finally:
+        wt.release(ino)
+    after = wt.getattr(ino)
+    assert after.atime_ns > before.ctime_ns
+    assert (after.mtime_ns, after.ctime_ns) == (before.mtime_ns, before.ctime_ns)
+    assert tmp_repo.status("main") == status  # nothing more to commit
+
+
 def test_setattr_and_xattrs(wt_root):
     wt, root = wt_root
     ino = put_file(wt, root, "f", b"x")
