@@ -1,8 +1,9 @@
 """Triggers: rules, versioned with the data, that turn events into work.
 
 Rules live in ``.jiaozi/triggers.toml`` on a branch; the version committed on
-the branch's head is the one in force (an uncommitted edit does nothing until
-it is committed, so a rule change is itself reviewed and versioned)::
+the branch's head when an event happens is the one in force for it (an
+uncommitted edit does nothing until it is committed, so a rule change is
+itself reviewed and versioned; each event records that head)::
 
     [[trigger]]
     name = "retrain"
