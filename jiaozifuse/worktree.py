@@ -31,6 +31,7 @@ socket instead of writing itself.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -52,6 +53,8 @@ from .objects import (
     object_id,
 )
 from .store import Store, Txn, from_u64, u64
+
+log = logging.getLogger("jiaozifuse.worktree")
 
 FIRST_INO = 1024
 SUPPORTED_TYPES = (
@@ -727,11 +730,15 @@ class Worktree:
         if (node.atime_ns > node.mtime_ns and node.atime_ns > node.ctime_ns
                 and now - node.atime_ns < RELATIME_NS):
             return False
+        try:
+            with self.store.write() as w:
+                stored = self._get(w, node.ino)
+                stored.atime_ns = now
+                self._put(w, stored)
+        except Exception as exc:  # a full disk must not stop reads: atime waits
+            log.debug("atime of inode %d not recorded: %s", node.ino, exc)
+            return False
         node.atime_ns = now
-        with self.store.write() as w:
-            stored = self._get(w, node.ino)
-            stored.atime_ns = now
-            self._put(w, stored)
         return True
 
     def release(self, ino: int) -> OpenFile | None:

@@ -403,6 +403,33 @@ def test_relatime_moves_atime_once_after_a_change_and_changes_nothing_else(tmp_r
     assert tmp_repo.status("main") == status  # nothing more to commit
 
 
+def test_relatime_that_cannot_be_recorded_does_not_stop_the_read(tmp_repo, monkeypatch):
+    """A full disk refuses the atime's inode write: the open (and read) go on."""
+    from contextlib import contextmanager
+
+    from jiaozifuse.errors import StoreFull
+
+    wt, root = tmp_repo.worktree, tmp_repo.root_ino("main")
+    ino = put_file(wt, root, "f", b"data")
+    wt.setattr(ino, atime_ns=1_000_000_000)
+    before = wt.getattr(ino).atime_ns
+
+    @contextmanager
+    def full():
+        raise StoreFull("no space left (injected)")
+        yield
+
+    of = wt.open(ino)
+    try:
+        monkeypatch.setattr(tmp_repo.store, "write", full)
+        assert not wt.relatime(of)
+        monkeypatch.undo()
+        assert wt.read(ino, 0, 10) == b"data"
+    finally:
+        wt.release(ino)
+    assert wt.getattr(ino).atime_ns == before
+
+
 def test_setattr_and_xattrs(wt_root):
     wt, root = wt_root
     ino = put_file(wt, root, "f", b"x")
