@@ -343,6 +343,8 @@ class Runner:
                 return []
         rules = self._rules.get(head)
         if rules is None:
+            if len(self._rules) >= 256:  # one entry per head seen: keep it bounded
+                self._rules.clear()
             try:
                 rules = rules_at(self.repo, head)
             except (JiaoziError, Corrupt) as exc:
