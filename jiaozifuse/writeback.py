@@ -91,6 +91,29 @@ class Batch:
     #: PACK_TARGET), "barrier" (a ref change or checkpoint comes next) or
     #: "end" (nothing more was queued)
     cut: str = "end"
+    #: a pack's pieces, until :meth:`seal` joins them into ``data``
+    parts: list[bytes | memoryview] = field(default_factory=list, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Bytes added to the pack so far: where the next entry starts."""
+        if not self.entries:
+            return 0
+        _, _, off, n = self.entries[-1]
+        return off + n
+
+    def add(self, kind: bytes, oid: bytes, data: bytes | memoryview) -> None:
+        """Add a chunk (kind ``C``) or an object to the pack."""
+        self.entries.append((kind, oid, self.size, len(data)))
+        self.parts.append(data)
+
+    def seal(self) -> None:
+        """Join the pieces into ``data`` in one allocation of the exact size (no
+        growing and copying), and name the pack.  Call it inside the
+        transaction the pieces were read in: they may be views of LMDB's map."""
+        self.data = bytearray().join(self.parts)
+        self.parts = []
+        self.pack_id = pack_name(self.entries)
 
 
 def plan(store: Store, after: int) -> list[Batch]:
@@ -124,8 +147,6 @@ def _plan(store: Store, after: int) -> list[Batch]:
     copied once, from LMDB's map straight into the pack buffer.
     """
     packs = {b"C": Batch(kind="pack"), b"O": Batch(kind="opack")}
-    parts: dict[str, list[bytes | memoryview]] = {"pack": [], "opack": []}
-    size = {"pack": 0, "opack": 0}
     cut = "end"
     with store.snapshot(buffers=True) as r:
         cur = r.cursor("upload")
@@ -150,20 +171,14 @@ def _plan(store: Store, after: int) -> list[Batch]:
             b.seqs.append(seq)
             if data is None:  # collected meanwhile: nothing to send
                 continue
-            b.entries.append((tag, oid, size[b.kind], len(data)))
-            parts[b.kind].append(data)
-            size[b.kind] += len(data)
-            if size[b.kind] >= PACK_TARGET:
+            b.add(tag, oid, data)
+            if b.size >= PACK_TARGET:
                 cut = "full"
                 break
         out = [b for b in packs.values() if b.seqs]
         for b in out:
-            # one allocation of the exact size, no growing and copying;
-            # inside the transaction: the parts may be views of LMDB's map
-            b.data = bytearray().join(parts[b.kind])
-    for b in out:
-        b.pack_id = pack_name(b.entries)
-        b.cut = cut
+            b.seal()
+            b.cut = cut
     return out
 
 
@@ -321,12 +336,10 @@ def rescue_condemned(store: Store, remote: Remote) -> list[Batch]:
                     continue
                 data = fetched.get(oid) or (r.get_chunk(oid) if kind == b"C"
                                             else r.get_object(oid))
-                if data is None:
-                    continue
-                b.entries.append((kind, oid, len(b.data), len(data)))
-                b.data += data
+                if data is not None:
+                    b.add(kind, oid, data)
+            b.seal()
         if b.entries:
-            b.pack_id = pack_name(b.entries)
             # the same entries in the same order as a condemned pack (always so
             # for a pack of one) hash to its very name: the upload would land
             # on the pack about to be deleted, so it gets a name of its own
