@@ -330,7 +330,13 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
             if not items:
                 await trio.sleep(0.3)
                 continue
+            # An acknowledgement covers every event up to its seq, so a run of
+            # events no rule matched (nearly all of them) takes one write.
+            unacked = 0
             for ev, rules in items:
+                if not rules:
+                    unacked = ev["seq"]
+                    continue
                 for rule in rules:
                     result = await trio.to_thread.run_sync(
                         triggers.execute, rule, ev, str(repo.path), limiter=limiter)
@@ -341,10 +347,12 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
                         log.warning("trigger %s failed for event %d: %s", rule.name,
                                     ev["seq"], result.error)
                 repo.events.ack(triggers.CONSUMER, ev["seq"])
-                if rules:
-                    # a trigger ran: make its record and the acknowledgement durable
-                    # now; events no rule matched ride on the group commit.
-                    await repo.store.commit_async()
+                unacked = 0
+                # a trigger ran: make its record and the acknowledgement durable
+                # now; events no rule matched ride on the group commit.
+                await repo.store.commit_async()
+            if unacked:
+                repo.events.ack(triggers.CONSUMER, unacked)
 
     async def forward_loop(fwd: Any) -> None:
         """Send events to the broker; acknowledged in the log only once sent."""
