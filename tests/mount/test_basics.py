@@ -328,3 +328,53 @@ def test_gc_through_the_mount_gives_back_chunk_log_space(mnt: Mount) -> None:
     assert (mnt.main / "keep.bin").read_bytes() == keep
     fsck = json.loads(jz("fsck", "--json", "--repo", str(mnt.repo)).stdout)
     assert fsck["ok"], fsck
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _requests(paths: list, seconds: float, gap: float) -> int:
+    """FUSE requests (a getxattr the kernel never caches) for *seconds*, *gap* apart."""
+    import time
+
+    n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for p in paths:
+            with pytest.raises(OSError) as e:
+                os.getxattr(p, "user.absent")
+            assert e.value.errno == errno.ENODATA
+            n += 1
+            if gap:
+                time.sleep(gap)
+    return n
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling needs 2 CPUs")
+def test_busy_polling_runs_between_requests_and_stops_when_they_do(mount_factory) -> None:
+    """--busy-poll-us keeps the daemon polling after each reply (Ops.busy_poll); once
+    requests stop it must park, or an idle mount would burn a CPU for ever."""
+    import time
+
+    polling = mount_factory("poll", "--busy-poll-us", "20000")
+    sleeping = mount_factory("sleep", "--busy-poll-us", "0")
+    used = {}
+    for name, m in (("polling", polling), ("sleeping", sleeping)):
+        paths = [m.main / f"f{i}" for i in range(20)]
+        for p in paths:
+            p.write_bytes(b"x")
+        c0 = _cpu_seconds(m.pid)
+        assert _requests(paths, 1.0, 0.002) > 50
+        used[name] = _cpu_seconds(m.pid) - c0
+        time.sleep(0.5)  # a window has long passed
+        c0 = _cpu_seconds(m.pid)
+        time.sleep(2.0)
+        idle = _cpu_seconds(m.pid) - c0
+        assert idle < 0.3, f"an idle daemon used {idle:.2f} CPU s in 2 s"
+    # requests 2 ms apart inside a 20 ms window: the daemon never sleeps in between
+    assert used["polling"] > 0.5, used
+    assert used["sleeping"] < 0.3, used
