@@ -447,7 +447,7 @@ class Ops(pyfuse3.Operations):
     def _is_branch_root(self, ino: int) -> bool:
         return ino in self.branch_roots.values()
 
-    # ---------------------------------------------------------------- events
+    # ---------------------------------------------------------- request loop
 
     async def busy_poll(self) -> None:
         """Keep the FUSE thread awake for :attr:`poll_window` seconds after each reply.
@@ -455,8 +455,8 @@ class Ops(pyfuse3.Operations):
         A thread that sleeps between requests pays a wake-up for the next
         one: an interrupt to another CPU and, on a virtual machine whose idle
         CPUs halt, an exit to the hypervisor.  On this project's test VM that
-        is a third of a request's cost (a GETATTR through the mount: 70 us
-        sleeping, 45 us polling; scripts/bench/floor.py).  A reader that
+        is a third of a request's cost (a GETATTR through the mount: 68 us
+        sleeping, 49 us polling; scripts/bench/floor.py).  A reader that
         issues requests back to back (stat of many files, small files, random
         reads) finds the loop polling instead.
 
@@ -481,6 +481,8 @@ class Ops(pyfuse3.Operations):
             await wake.wait()
             while not self.inflight and time.perf_counter() - self.last_reply < window:
                 await trio.sleep(0)
+
+    # ---------------------------------------------------------------- events
 
     def _event(self, type: str, parent: int | None = None, name: bytes | None = None,
                ino: int | None = None, **extra: Any) -> None:
