@@ -236,8 +236,8 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
 
     sock_path = run_dir / "control.sock"
     try:
-        if len(os.sched_getaffinity(0)) >= 2:  # see Ops.busy_poll
-            ops.poll_window = opts.busy_poll_us / 1e6
+        if len(os.sched_getaffinity(0)) >= 2:  # see poll.py
+            ops.poller.window = opts.busy_poll_us / 1e6
         trio.run(_main, ops, sock_path, tell, str(opts.mountpoint))
     except BaseException:
         log.exception("daemon failed")
@@ -529,8 +529,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         ops.nursery = nursery
         nursery.start_soon(fuse_main)
         nursery.start_soon(group_commit)
-        if ops.poll_window > 0:
-            nursery.start_soon(ops.busy_poll)
+        if ops.poller.window > 0:
+            nursery.start_soon(ops.poller.run)
         nursery.start_soon(unmap_read_pages)
         nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
         nursery.start_soon(trigger_loop)

@@ -57,6 +57,7 @@ from .chunking import chunk_and_hash
 from .errors import JiaoziError, NotFound
 from .filecontent import FileContent
 from .objects import Tree, TreeEntry
+from .poll import RequestPoller
 from .repo import Repository, check_ref_name
 from .worktree import Inode
 
@@ -171,8 +172,8 @@ def handler(fn: Callable) -> Callable:
                 self.root_alias if i in positions and a == ROOT else a
                 for i, a in enumerate(args)
             )
-        t0 = time.perf_counter()
-        self.inflight += 1
+        t0 = time.perf_counter() if self.metrics is not None else 0.0
+        self.poller.begin()
         err: int | None = None
         try:
             return await fn(self, *args)
@@ -195,15 +196,9 @@ def handler(fn: Callable) -> Callable:
             log.exception("unexpected error in %s%r", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            self.inflight -= 1
-            t1 = self.last_reply = time.perf_counter()
+            t1 = self.poller.end()
             if self.metrics is not None:
                 self.metrics.observe(name, t1 - t0, err)
-            wake = self._poll_wake
-            if wake is not None and not self.inflight and not self.committed:
-                self._poll_wake = None
-                wake.set()
-            self.committed = False  # see busy_poll
 
     return wrapper
 
@@ -253,14 +248,8 @@ class Ops(pyfuse3.Operations):
         self.metrics: Any = None
         #: when set, close() leaves the commit to the group-commit timer
         self.lazy_close = lazy_close
-        #: requests being handled now, and when the last one ended (see busy_poll)
-        self.inflight = 0
-        self.last_reply = 0.0
-        #: seconds to poll after a reply (the daemon sets it; 0: busy_poll not run)
-        self.poll_window = 0.0
-        #: the request being answered waited for a commit: no polling after it
-        self.committed = False
-        self._poll_wake: trio.Event | None = None
+        #: busy polling between requests (poll.py; the daemon sets its window)
+        self.poller = RequestPoller()
         self.repo = repo
         self.wt = repo.worktree
         self.read_only = read_only
@@ -446,41 +435,6 @@ class Ops(pyfuse3.Operations):
 
     def _is_branch_root(self, ino: int) -> bool:
         return ino in self.branch_roots.values()
-
-    # ---------------------------------------------------------- request loop
-
-    async def busy_poll(self) -> None:
-        """Keep the FUSE thread awake for :attr:`poll_window` seconds after each reply.
-
-        A thread that sleeps between requests pays a wake-up for the next
-        one: an interrupt to another CPU and, on a virtual machine whose idle
-        CPUs halt, an exit to the hypervisor.  On this project's test VM that
-        is a third of a request's cost (a GETATTR through the mount: 68 us
-        sleeping, 49 us polling; scripts/bench/floor.py).  A reader that
-        issues requests back to back (stat of many files, small files, random
-        reads) finds the loop polling instead.
-
-        Rules: poll (a trio checkpoint, so the loop's epoll runs with a zero
-        timeout) only while no request is being handled (one waiting for a
-        commit or a fetch leaves the CPU and the GIL to the threads doing it),
-        and for at most the window after the last reply; otherwise park until
-        a request ends.  Not after a request that waited for a durable commit
-        (a close after writing, fsync): polling then made small-file creates
-        8 to 14 % slower (floor.py, interleaved runs), where without it they
-        are unchanged; the commit thread, which still needs the GIL after it
-        completed the commit, is the likely cause (CPython gives the GIL to a
-        waiting thread only when the holder blocks, or after 5 ms).  The cost
-        is at most the window of one CPU per request, and nothing once
-        requests stop.  The daemon runs this only with two CPUs or more: on
-        one it would hold the CPU the next request's sender needs.
-        """
-        window = self.poll_window
-        while True:
-            wake = trio.Event()
-            self._poll_wake = wake
-            await wake.wait()
-            while not self.inflight and time.perf_counter() - self.last_reply < window:
-                await trio.sleep(0)
 
     # ---------------------------------------------------------------- events
 
@@ -1054,7 +1008,7 @@ class Ops(pyfuse3.Operations):
             self.wt.flush(h.ino)
             if not self.lazy_close and h.wrote:
                 await self.repo.store.commit_async()
-                self.committed = True
+                self.poller.quiet()
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1065,7 +1019,7 @@ class Ops(pyfuse3.Operations):
             await self.repo.store.ready_async()
             self.wt.flush(h.ino)
         await self.repo.store.sync_async()
-        self.committed = True
+        self.poller.quiet()
 
     @handler
     async def release(self, fh: int) -> None:

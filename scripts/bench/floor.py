@@ -29,7 +29,7 @@ Targets:
     It starts with the read workloads' data (``big`` and ``sNNNNNN``) already in memory.
 ``floor-poll``
     The same server polling for the next request for 100 us after each reply, by the
-    rules of jiaozifuse's ``Ops.busy_poll`` (a thread that sleeps between requests pays
+    rules of jiaozifuse's ``poll.RequestPoller`` (a thread that sleeps between requests pays
     a wake-up per request; see below).
 ``jiaozifuse``
     ``jiaozifuse init`` (local repository, no remote) + ``jiaozifuse mount`` with its
@@ -112,7 +112,7 @@ PAGE = 4096
 BIG_NAME = "big"
 CREATE_DIR = "created"
 #: the -poll / -nopoll variants: the same server with busy polling after replies on / off
-#: (jiaozifuse polls by default: ``mount --busy-poll-us``, Ops.busy_poll)
+#: (jiaozifuse polls by default: ``mount --busy-poll-us``, jiaozifuse/poll.py)
 ALL_TARGETS = ["floor", "floor-poll", "jiaozifuse", "jiaozifuse-nopoll"]
 POLL_US = 100
 PEER_NAMES = ["juicefs", "rclone", "s3fs"]  # as peers.py's PEER_NAMES
@@ -454,37 +454,23 @@ def _count_requests(fs: Any, counts: dict[str, int]) -> None:
 
 
 def _poll_requests(fs: Any, window: float) -> Callable[[], Any]:
-    """Busy polling as jiaozifuse's ``Ops.busy_poll`` does it (the same rules: poll
-    with trio checkpoints for *window* after a reply while no request is being
-    handled, park otherwise): wraps every handler of ``fs`` and returns the task."""
-    import trio
+    """Busy polling by jiaozifuse's own rules (``jiaozifuse.poll.RequestPoller``, which
+    its mount uses): wraps every handler of ``fs`` and returns the task to run."""
+    from jiaozifuse.poll import RequestPoller
 
-    state: dict[str, Any] = {"inflight": 0, "last": 0.0, "wake": None}
+    poller = RequestPoller(window)
     for name in COUNTED_OPS:
         fn = getattr(fs, name)
 
         async def wrapper(*a: Any, _fn: Callable[..., Any] = fn) -> Any:
-            state["inflight"] += 1
+            poller.begin()
             try:
                 return await _fn(*a)
             finally:
-                state["inflight"] -= 1
-                state["last"] = time.perf_counter()
-                wake = state["wake"]
-                if wake is not None and not state["inflight"]:
-                    state["wake"] = None
-                    wake.set()
+                poller.end()
 
         setattr(fs, name, wrapper)
-
-    async def poll() -> None:
-        while True:
-            state["wake"] = wake = trio.Event()
-            await wake.wait()
-            while not state["inflight"] and time.perf_counter() - state["last"] < window:
-                await trio.sleep(0)
-
-    return poll
+    return poller.run
 
 
 # ======================================================================================

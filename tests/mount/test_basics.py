@@ -356,7 +356,7 @@ def _requests(paths: list, seconds: float, gap: float) -> int:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling needs 2 CPUs")
 def test_busy_polling_runs_between_requests_and_stops_when_they_do(mount_factory) -> None:
-    """--busy-poll-us keeps the daemon polling after each reply (Ops.busy_poll); once
+    """--busy-poll-us keeps the daemon polling after each reply (poll.RequestPoller); once
     requests stop it must park, or an idle mount would burn a CPU for ever."""
     import time
 
