@@ -47,7 +47,7 @@ import fcntl
 import os
 import struct
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +60,9 @@ SEGMENT_BYTES = 1 << 30
 _IOV_MAX = 1024
 _LOC = struct.Struct("<IQI")
 LOC_LEN = _LOC.size
+
+#: The largest folio the page cache keeps file data in (a PMD: 2 MiB on x86-64)
+FOLIO_ALIGN = 2 << 20
 
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
@@ -279,6 +282,40 @@ class ChunkLog:
                 ready = self._ready_locked() if self._freed else []
             self._punch(ready)
 
+    # -------------------------------------------------------------- page cache
+
+    def drop_cached(self, locs: Iterable[bytes]) -> int:
+        """Write these ranges to disk and drop them from the page cache; bytes dropped.
+
+        Any thread; for the ranges :class:`DropBehind` picks.  The range is
+        written out first (``sync_file_range``), because the kernel drops
+        only clean pages; nothing is lost either way, the bytes stay in the
+        file.  Each range is widened down to a :data:`FOLIO_ALIGN` boundary:
+        the page cache keeps file data in folios of up to 2 MiB, and
+        ``POSIX_FADV_DONTNEED`` leaves alone a folio that reaches past the
+        range (a test that dropped 1 MiB fetches found whole ones still
+        cached).  The folio a range ends in is dropped with the next one.
+        """
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for loc in locs:
+            seg, off, length = unpack_loc(loc)
+            spans.setdefault(seg, []).append((off, off + length))
+        total = 0
+        for seg, ranges in spans.items():
+            try:
+                fd = self._fd(seg)
+            except JiaoziError:
+                continue
+            for lo, hi in coalesce(ranges):
+                lo -= lo % FOLIO_ALIGN
+                try:
+                    sync_range(fd, lo, hi - lo)
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    continue  # advice only: the pages stay cached
+                total += hi - lo
+        return total
+
     # -------------------------------------------------------------- freeing
 
     def free(self, locs: Iterable[bytes]) -> None:
@@ -362,6 +399,65 @@ class ChunkLog:
         for p in self.path.glob("*.seg") if self.path.is_dir() else []:
             total += p.stat().st_blocks * 512
         return total
+
+
+class DropBehind:
+    """Which ranges of fetched chunks to drop from the page cache: all but the
+    last *keep* bytes fetched.
+
+    Why: a cold read through the mount writes every fetched byte to the log
+    and reads it back once, while the kernel keeps its own copy in the
+    mount's page cache (the one a second read is served from).  Keeping the
+    log's copy as well means new page-cache pages for every byte fetched,
+    and new pages are what costs: on the machine these figures come from (a
+    VM whose balloon driver hands freed memory back to the host at once),
+    writing 1 GiB into a file's new page-cache pages took 1.4 to 1.7 s of
+    kernel time, and 0.26 s when each 16 MiB was written out and dropped
+    64 MiB behind, so that the same pages came back (``recycle.py`` in
+    docs/performance.md, "Remote").  Dropping the log's copy once the
+    reader is past it (*keep* is twice the readahead window) turns the
+    fetch into that second case.  A later read of a dropped chunk reads it
+    from the disk, as after any restart.
+
+    Thread: the trio thread only.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._held: deque[tuple[bytes, int]] = deque()
+        self._bytes = 0
+
+    def add(self, locs: Iterable[bytes]) -> list[bytes]:
+        """Note ranges just fetched; return the oldest ones now beyond *keep*."""
+        for loc in locs:
+            n = unpack_loc(loc)[2]
+            self._held.append((loc, n))
+            self._bytes += n
+        out: list[bytes] = []
+        while self._bytes > self.keep and self._held:
+            loc, n = self._held.popleft()
+            self._bytes -= n
+            out.append(loc)
+        return out
+
+
+def sync_range(fd: int, off: int, length: int) -> None:
+    """sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER): the range is on disk
+    (not its metadata: this is no durability barrier, only a way to get clean
+    pages the kernel may drop)."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+        _SYNC_FILE_RANGE = fn
+    if _SYNC_FILE_RANGE(fd, off, length, 1 | 2 | 4) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+_SYNC_FILE_RANGE = None
 
 
 def _punch_hole(fd: int, off: int, length: int) -> None:

@@ -358,10 +358,15 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
               type=click.IntRange(0, 100_000),
               help="Poll for the next request this many microseconds after each reply "
                    "instead of sleeping (0: never; only with two CPUs or more).")
+@click.option("--drop-behind-mib", default=128, show_default=True, metavar="MIB",
+              type=click.IntRange(0, None),
+              help="Chunks fetched from the remote leave the local page cache once this "
+                   "many MiB more were fetched (the mount keeps its own copy; 0: never).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
 def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool,
           only_branch: str | None, only_commit: str | None, lazy_close: bool,
-          metrics_addr: str | None, busy_poll_us: int, debug: bool) -> None:
+          metrics_addr: str | None, busy_poll_us: int, drop_behind_mib: int,
+          debug: bool) -> None:
     """Mount REPO at MOUNTPOINT (returns once the mount is ready)."""
     from .daemon import MountOptions, start
 
@@ -369,7 +374,7 @@ def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_
         repo=Path(repo).resolve(), mountpoint=Path(mountpoint).resolve(),
         foreground=foreground, allow_other=allow_other, read_only=read_only,
         branch=only_branch, debug=debug, lazy_close=lazy_close, commit=only_commit,
-        metrics_addr=metrics_addr, busy_poll_us=busy_poll_us,
+        metrics_addr=metrics_addr, busy_poll_us=busy_poll_us, drop_behind_mib=drop_behind_mib,
     ))
 
 

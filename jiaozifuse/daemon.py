@@ -53,6 +53,9 @@ class MountOptions:
     metrics_addr: str | None = None
     #: poll for the next FUSE request this long after each reply (0: off)
     busy_poll_us: int = 100
+    #: chunks fetched from the remote leave the page cache once this many MiB
+    #: more were fetched (0: never; see chunklog.DropBehind); twice fs.READAHEAD
+    drop_behind_mib: int = 128
 
 
 def _mounted(mnt: Path) -> bool:
@@ -238,7 +241,7 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
     try:
         if len(os.sched_getaffinity(0)) >= 2:  # see poll.py
             ops.poller.window = opts.busy_poll_us / 1e6
-        trio.run(_main, ops, sock_path, tell, str(opts.mountpoint))
+        trio.run(_main, ops, sock_path, tell, str(opts.mountpoint), opts.drop_behind_mib << 20)
     except BaseException:
         log.exception("daemon failed")
         raise
@@ -257,11 +260,12 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
                  ops.stats, getattr(remote, "requests", 0))
 
 
-async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
+async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
+                drop_behind: int) -> None:
     import pyfuse3
     import trio
 
-    from . import control, writeback
+    from . import chunklog, control, writeback
     from . import ops as opsmod
 
     repo = ops.repo
@@ -274,6 +278,13 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
         wb.metrics = ops.metrics
         fetch_limit = trio.CapacityLimiter(8)
         inflight: dict[bytes, trio.Event] = {}
+        behind = chunklog.DropBehind(drop_behind) if drop_behind else None
+
+        async def drop_behind(locs: list[bytes]) -> None:
+            try:
+                await trio.to_thread.run_sync(repo.store.log.drop_cached, locs)
+            except Exception as exc:  # advice only
+                log.debug("dropping fetched chunks from the page cache: %s", exc)
 
         async def fetcher(ids: list[bytes]) -> None:
             """Fetch chunks; a chunk already being fetched is waited for, not fetched twice."""
@@ -296,7 +307,11 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str) -> None:
                         writeback.record_moved(w, repo.store)  # copies found for a gone pack
                     repo.store.log.discard(unused)
                     gone = set(unused)
-                    repo.store.note_fresh({c: v for c, v in locs.items() if v not in gone})
+                    kept = {c: v for c, v in locs.items() if v not in gone}
+                    repo.store.note_fresh(kept)
+                    old = behind.add(kept.values()) if behind else None
+                    if old and ops.nursery is not None:
+                        ops.nursery.start_soon(drop_behind, old)
                     repo.mark_verified(got)  # fetch_chunks checked every id
             finally:
                 # waiters wake only once the chunks are stored (or the fetch failed)

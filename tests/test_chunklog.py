@@ -359,3 +359,58 @@ def test_read_into_fills_spans_straight_from_the_log(monkeypatch: pytest.MonkeyP
         done = r.read_into(spans[-1:], memoryview(buf), fresh)
     assert done == [True]
     assert buf[spans[-1][4]:] == fresh_data[96:4000]
+
+
+# --- page cache ---------------------------------------------------------------------
+
+
+def resident_bytes(path: Path, lo: int = 0, hi: int | None = None) -> int:
+    """Bytes of *path* (of its range lo:hi) in the page cache (mincore of a mapping)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    if not size:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    page = mmap.PAGESIZE
+    vec = ctypes.create_string_buffer((size + page - 1) // page)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    end = len(vec.raw) if hi is None else (hi + page - 1) // page
+    return sum(b & 1 for b in vec.raw[lo // page : end]) * page
+
+
+def test_drop_cached_takes_ranges_out_of_the_page_cache_and_keeps_their_bytes(
+        store: Store) -> None:
+    pieces = [chunk(i) for i in range(64)]  # 4 MiB
+    locs = store.log.append(pieces, durable=False)
+    seg = next(Path(store.log.path).glob("*.seg"))
+    assert resident_bytes(seg) >= 4 << 20
+    half = [locs[cid] for cid, _ in pieces[:32]]
+    assert store.log.drop_cached(half) == 2 << 20
+    assert resident_bytes(seg) <= (2 << 20) + 8192  # the other half, and edges
+    for cid, data in pieces:
+        assert store.log.read(locs[cid]) == data  # from the disk, as written
+
+
+def test_drop_behind_keeps_the_last_bytes_fetched_and_returns_the_oldest() -> None:
+    behind = chunklog.DropBehind(3 << 20)
+    locs = [chunklog.pack_loc(1, i << 20, 1 << 20) for i in range(6)]
+    assert behind.add(locs[:3]) == []  # exactly keep: nothing to drop yet
+    assert behind.add(locs[3:5]) == locs[:2]
+    assert behind.add(locs[5:]) == locs[2:3]
+    assert behind.add([]) == []

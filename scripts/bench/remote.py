@@ -284,14 +284,16 @@ class CloneTarget(common.JiaozifuseTarget):
                 self.res.add_daemon(pid)
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds a process has used (all its threads), from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(user, system) CPU seconds a process has used (all its threads), and the
+    MiB of its memory it faulted in (minor faults: fresh pages), from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    faults = int(fields[7]) * os.sysconf("SC_PAGE_SIZE") / MiB
+    return int(fields[11]) / tick, int(fields[12]) / tick, faults
 
 
 class CPU:
@@ -301,6 +303,7 @@ class CPU:
     def __init__(self, **pids: int) -> None:
         self.pids, self.used = pids, dict.fromkeys(pids, math.nan)
         self.system = dict.fromkeys(pids, math.nan)  # the kernel's part of used
+        self.faulted = dict.fromkeys(pids, math.nan)  # MiB of fresh pages
 
     def __enter__(self) -> CPU:
         self.start = {k: cpu_seconds(p) for k, p in self.pids.items()}
@@ -308,12 +311,14 @@ class CPU:
 
     def __exit__(self, *exc: object) -> None:
         for k, p in self.pids.items():
-            (u1, s1), (u0, s0) = cpu_seconds(p), self.start[k]
+            (u1, s1, f1), (u0, s0, f0) = cpu_seconds(p), self.start[k]
             self.used[k], self.system[k] = u1 - u0 + s1 - s0, s1 - s0
+            self.faulted[k] = f1 - f0
 
     def describe(self, size: int) -> str:
         gib = size / GiB
-        return ", ".join(f"{k} {v / gib:.2f} (sys {self.system[k] / gib:.2f})"
+        return ", ".join(f"{k} {v / gib:.2f} (sys {self.system[k] / gib:.2f}, "
+                         f"faulted {self.faulted[k] / gib:.0f} MiB)"
                          for k, v in self.used.items())
 
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jiaozifuse import writeback
+from jiaozifuse import chunklog, writeback
+from jiaozifuse.chunking import chunk_and_hash
 from jiaozifuse.errors import Corrupt
 from jiaozifuse.repo import Repository
 
@@ -346,3 +347,62 @@ def test_a_get_failing_mid_body_leaves_no_bytes_in_the_log(pushed, monkeypatch) 
     assert log_blocks(repo) - before < 64  # 3 MiB were written: 6,144 blocks
     with repo.store.read() as r:
         assert not any(r.has_chunk(c) for c in ids)
+
+
+
+@pytest.mark.parametrize("drop_mib", [0, 4])
+def test_a_cold_read_leaves_fetched_chunks_in_the_page_cache_only_behind_the_window(
+        tmp_path, creds, drop_mib) -> None:
+    """``mount --drop-behind-mib``: chunks fetched for a cold read leave the
+    chunk log's page cache once that much more was fetched after them (the
+    mount keeps its own copy; the log's would be a second one), and the files
+    still read back whole.  a.bin (4 MiB) is read, then b.bin (5 MiB): with
+    4, a.bin's chunks are out of the page cache afterwards; with 0 (never)
+    they are all still there."""
+    import json
+    import time
+
+    from mount.conftest import Mount, jz, teardown
+    from test_chunklog import resident_bytes
+
+    s3, name = creds
+    url = f"s3://{name}/repo"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(data(4 << 20, 7))
+    (src / "b.bin").write_bytes(data(5 << 20, 8))
+    a = Repository.init(tmp_path / "a", remote=url, endpoint_url=s3.endpoint)
+    a.import_dir("main", src)
+    a.commit("main", "data")
+    a.sync()
+    a.close()
+    repo = tmp_path / "b"
+    jz("clone", url, str(repo), env=s3.env())
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    jz("mount", str(repo), str(mnt), "--drop-behind-mib", str(drop_mib), env=s3.env())
+    m = Mount(repo, mnt, json.loads((mnt / ".jiaozifuse-mount").read_text())["pid"])
+    try:
+        assert (m.main / "a.bin").read_bytes() == data(4 << 20, 7)
+        assert (m.main / "b.bin").read_bytes() == data(5 << 20, 8)
+        ids = [cid for cid, _ in chunk_and_hash(data(4 << 20, 7))]
+        deadline = time.monotonic() + 10
+        while True:  # fetched chunks are committed, and dropped, in the background
+            c = Repository.open(repo, readonly=True)
+            try:
+                with c.store.read() as r:  # where a.bin's chunks are in the log
+                    locs = [r.chunk_loc(cid) for cid in ids]
+            finally:
+                c.close()
+            cached = sum(resident_bytes(repo / "store" / "log" / f"{seg:08d}.seg", off, off + n)
+                         for seg, off, n in map(chunklog.unpack_loc, filter(None, locs)))
+            if None not in locs and (not drop_mib or cached <= 64 << 10):
+                break
+            assert time.monotonic() < deadline, (locs.count(None), cached)
+            time.sleep(0.1)
+    finally:
+        teardown(m)
+    if drop_mib:  # at most a page a.bin's last chunk shares with b.bin's first
+        assert cached <= 64 << 10, cached
+    else:
+        assert cached >= 4 << 20, cached
