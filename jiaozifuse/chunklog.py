@@ -411,9 +411,9 @@ class DropBehind:
     log's copy as well means new page-cache pages for every byte fetched,
     and new pages are what costs: on the machine these figures come from (a
     VM whose balloon driver hands freed memory back to the host at once),
-    writing 1 GiB into a file's new page-cache pages took 1.4 to 1.7 s of
-    kernel time, and 0.26 s when each 16 MiB was written out and dropped
-    64 MiB behind, so that the same pages came back (``recycle.py`` in
+    writing 1 GiB into a file's new page-cache pages took 2.2 s of kernel
+    time, and 0.27 s when each 16 MiB was written out and dropped 64 MiB
+    behind, so that the same pages came back (scripts/bench/pagecache.py;
     docs/performance.md, "Remote").  Dropping the log's copy once the
     reader is past it (*keep* is twice the readahead window) turns the
     fetch into that second case.  A later read of a dropped chunk reads it
