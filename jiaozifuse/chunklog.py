@@ -44,6 +44,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import struct
 import threading
@@ -51,6 +52,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import Corrupt, JiaoziError, StoreFull
 
@@ -251,20 +253,26 @@ class ChunkLog:
 
     def willneed(self, locs: Iterable[bytes]) -> int:
         """Start reading these ranges into the page cache (posix_fadvise WILLNEED)."""
+        total = 0
+        for fd, lo, hi in self._spans(locs):
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+            total += hi - lo
+        return total
+
+    def _spans(self, locs: Iterable[bytes], gap: int = 1 << 16) -> Iterator[tuple[int, int, int]]:
+        """(fd, start, end) of the ranges *locs* name, merged per segment when
+        less than *gap* apart (see :func:`coalesce`); missing segments skipped."""
         spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
             seg, off, length = unpack_loc(loc)
             spans.setdefault(seg, []).append((off, off + length))
-        total = 0
         for seg, ranges in spans.items():
             try:
                 fd = self._fd(seg)
             except JiaoziError:
                 continue
-            for lo, hi in coalesce(ranges):
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
-                total += hi - lo
-        return total
+            for lo, hi in coalesce(ranges, gap):
+                yield fd, lo, hi
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -296,24 +304,15 @@ class ChunkLog:
         range (a test that dropped 1 MiB fetches found whole ones still
         cached).  The folio a range ends in is dropped with the next one.
         """
-        spans: dict[int, list[tuple[int, int]]] = {}
-        for loc in locs:
-            seg, off, length = unpack_loc(loc)
-            spans.setdefault(seg, []).append((off, off + length))
         total = 0
-        for seg, ranges in spans.items():
+        for fd, lo, hi in self._spans(locs):
+            lo -= lo % FOLIO_ALIGN
             try:
-                fd = self._fd(seg)
-            except JiaoziError:
-                continue
-            for lo, hi in coalesce(ranges):
-                lo -= lo % FOLIO_ALIGN
-                try:
-                    sync_range(fd, lo, hi - lo)
-                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-                except OSError:
-                    continue  # advice only: the pages stay cached
-                total += hi - lo
+                sync_range(fd, lo, hi - lo)
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                continue  # advice only: the pages stay cached
+            total += hi - lo
         return total
 
     # -------------------------------------------------------------- freeing
@@ -441,39 +440,33 @@ class DropBehind:
         return out
 
 
+@functools.cache
+def _libc(name: str, *argtypes: type) -> Any:
+    """A libc function Python's os module lacks, returning 0 or -1 with errno."""
+    fn = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _check(ret: int) -> None:
+    if ret != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def sync_range(fd: int, off: int, length: int) -> None:
     """sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER): the range is on disk
     (not its metadata: this is no durability barrier, only a way to get clean
     pages the kernel may drop)."""
-    global _SYNC_FILE_RANGE
-    if _SYNC_FILE_RANGE is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-        fn.restype = ctypes.c_int
-        _SYNC_FILE_RANGE = fn
-    if _SYNC_FILE_RANGE(fd, off, length, 1 | 2 | 4) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-_SYNC_FILE_RANGE = None
+    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+               ctypes.c_uint)
+    _check(fn(fd, off, length, 1 | 2 | 4))
 
 
 def _punch_hole(fd: int, off: int, length: int) -> None:
-    global _FALLOCATE
-    if _FALLOCATE is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.fallocate
-        fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
-        fn.restype = ctypes.c_int
-        _FALLOCATE = fn
-    if _FALLOCATE(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-_FALLOCATE = None
+    fn = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
+    _check(fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length))
 
 
 def coalesce(spans: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
