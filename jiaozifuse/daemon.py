@@ -37,6 +37,9 @@ log = logging.getLogger("jiaozifuse.daemon")
 
 #: Seconds between group commits of metadata changes.
 COMMIT_INTERVAL = 0.05
+#: The longest an idle daemon's group commit, trigger runner and event
+#: forwarder sleep (they are woken by writes; this is only a bound).
+IDLE_WAKE = 1.0
 
 
 @dataclass
@@ -269,6 +272,15 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
     from . import ops as opsmod
 
     repo = ops.repo
+    token = trio.lowlevel.current_trio_token()
+    dirty = [trio.Event()]  # set when the batch becomes dirty (see group_commit)
+    committed = trio.lowlevel.ParkingLot()  # woken after each group commit
+
+    def on_dirty() -> None:  # any thread: Store.write
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(lambda: dirty[0].set())
+
+    repo.store.on_dirty = on_dirty
     wb: writeback.Writeback | None = None
     if repo.config.get("remote"):
         wb = writeback.Writeback(
@@ -347,7 +359,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
                 log.exception("cannot read pending events")
                 items = []
             if not items:
-                await trio.sleep(0.3)
+                with trio.move_on_after(IDLE_WAKE):
+                    await committed.park()  # new events come with a group commit
                 continue
             # An acknowledgement covers every event up to its seq, so a run of
             # events no rule matched (nearly all of them) takes one write.
@@ -379,7 +392,8 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
         while True:
             events = fwd.pending(500)
             if not events:
-                await trio.sleep(0.2)
+                with trio.move_on_after(IDLE_WAKE):
+                    await committed.park()
                 continue
             try:
                 await trio.to_thread.run_sync(fwd.send, events)
@@ -507,14 +521,28 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
 
     async def group_commit() -> None:
         # Metadata changes (mkdir, rename, chmod...) become durable within
-        # COMMIT_INTERVAL even when no close or fsync comes.
+        # COMMIT_INTERVAL even when no close or fsync comes.  An idle daemon
+        # does not tick: the loop sleeps until a write makes the batch dirty
+        # (Store.on_dirty), then commits COMMIT_INTERVAL later.  Every write
+        # either makes a clean batch dirty or lands in a dirty one whose
+        # commit is already coming, so a cycle follows every write; the
+        # trigger runner and the forwarder wait for the cycles (`committed`)
+        # instead of polling the event log.  IDLE_WAKE bounds the sleep all
+        # the same.  With metrics on, the loop ticks (it refreshes their lag
+        # gauges).
         ticks = 0
+        store = ops.repo.store
         while True:
+            if ops.metrics is None and not store.batch_dirty:
+                dirty[0] = trio.Event()
+                with trio.move_on_after(IDLE_WAKE):
+                    await dirty[0].wait()
             await trio.sleep(COMMIT_INTERVAL)
             try:
-                await ops.repo.store.commit_async()
+                await store.commit_async()
             except JiaoziError as exc:
                 log.error("group commit failed: %s", exc)
+            committed.unpark_all()
             ticks += 1
             if ops.metrics is not None and ticks % 20 == 0:
                 ops.metrics.refresh_lag()

@@ -374,6 +374,9 @@ class Store:
         self._inflight_freed: list[bytes] = []
         self._batch: lmdb.Transaction | None = None
         self.batch_dirty = False
+        #: called (from the writing thread) when a write makes a clean batch
+        #: dirty: the daemon's group commit sleeps until then (see daemon.py)
+        self.on_dirty: Callable[[], None] | None = None
         #: set when the repository has a remote (see Txn.queue)
         self.queue_uploads = False
         self.refs = 1
@@ -615,7 +618,9 @@ class Store:
             txn.abort()
             raise
         if nested:
-            self.batch_dirty = True
+            was, self.batch_dirty = self.batch_dirty, True
+            if not was and self.on_dirty is not None:
+                self.on_dirty()
             self._batch_freed.extend(t.freed)
         else:
             self.log.free(t.freed)

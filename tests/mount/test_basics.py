@@ -378,3 +378,41 @@ def test_busy_polling_runs_between_requests_and_stops_when_they_do(mount_factory
     # requests 2 ms apart inside a 20 ms window: the daemon never sleeps in between
     assert used["polling"] > 0.5, used
     assert used["sleeping"] < 0.3, used
+
+
+def _wakeups(pid: int) -> int:
+    """Times the daemon's main (trio) thread has gone to sleep and been woken so far."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+
+
+def test_an_idle_daemon_sleeps_and_a_write_after_is_still_durable_within_the_interval(
+        mount_factory) -> None:
+    """The group commit, the trigger runner and the event forwarder sleep while
+    nothing is written (they used to tick 25 times a second: about 1 % of a CPU
+    per idle mount); a write after the idle spell still becomes durable within
+    COMMIT_INTERVAL (50 ms): the daemon is SIGKILLed 300 ms after a mkdir and a
+    chmod, which no close or fsync followed, and both are there after a remount."""
+    import signal
+    import time
+
+    m = mount_factory("idle")
+    (m.main / "warm").write_bytes(b"x")  # events, a commit: everything once
+    time.sleep(1.0)
+    w0 = _wakeups(m.pid)
+    time.sleep(3.0)
+    woke = _wakeups(m.pid) - w0
+    assert woke < 40, f"an idle daemon's trio thread woke {woke} times in 3 s"
+    (m.main / "d").mkdir()
+    os.chmod(m.main / "warm", 0o600)
+    time.sleep(0.3)
+    os.kill(m.pid, signal.SIGKILL)
+    m = m.remount()
+    try:
+        assert (m.main / "d").is_dir()
+        assert (m.main / "warm").stat().st_mode & 0o777 == 0o600
+    finally:
+        m.unmount()
