@@ -532,6 +532,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
         # gauges).
         ticks = 0
         store = ops.repo.store
+        seen = store.commits
         while True:
             if ops.metrics is None and not store.batch_dirty:
                 dirty[0] = trio.Event()
@@ -542,7 +543,9 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
                 await store.commit_async()
             except JiaoziError as exc:
                 log.error("group commit failed: %s", exc)
-            committed.unpark_all()
+            if store.commits != seen:  # this cycle's commit, or a close's meanwhile
+                seen = store.commits
+                committed.unpark_all()
             ticks += 1
             if ops.metrics is not None and ticks % 20 == 0:
                 ops.metrics.refresh_lag()
