@@ -292,7 +292,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
         inflight: dict[bytes, trio.Event] = {}
         behind = chunklog.DropBehind(drop_behind) if drop_behind else None
 
-        async def drop_behind(locs: list[bytes]) -> None:
+        async def drop_cached(locs: list[bytes]) -> None:
             try:
                 await trio.to_thread.run_sync(repo.store.log.drop_cached, locs)
             except Exception as exc:  # advice only
@@ -323,7 +323,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
                     repo.store.note_fresh(kept)
                     old = behind.add(kept.values()) if behind else None
                     if old and ops.nursery is not None:
-                        ops.nursery.start_soon(drop_behind, old)
+                        ops.nursery.start_soon(drop_cached, old)
                     repo.mark_verified(got)  # fetch_chunks checked every id
             finally:
                 # waiters wake only once the chunks are stored (or the fetch failed)
