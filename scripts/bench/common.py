@@ -455,6 +455,15 @@ def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
         f.write("\n")
 
 
+def finish(results: dict[str, Any], json_path: str | os.PathLike[str] | None, rc: int) -> int:
+    """The end of a benchmark's main(): write the JSON if asked for, and turn
+    recorded errors into a failing exit code; returns the exit code."""
+    if json_path:
+        write_json(json_path, results)
+        log(f"wrote {json_path}")
+    return 1 if results["errors"] and rc == 0 else rc
+
+
 # --- targets ---------------------------------------------------------------------------
 
 

@@ -1099,12 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {name}: {why}")
     for e in results["errors"]:
         print(f"error {e['target']} {e['pass']}: {e['error']}")
-    if args.json:
-        common.write_json(args.json, results)
-        log(f"wrote {args.json}")
-    if results["errors"] and rc == 0:
-        rc = 1
-    return rc
+    return common.finish(results, args.json, rc)
 
 
 if __name__ == "__main__":

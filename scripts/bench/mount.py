@@ -338,12 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(results, args.targets))
     for name, why in results.get("skipped", {}).items():
         print(f"skipped {name}: {why}")
-    if args.json:
-        common.write_json(args.json, results)
-        log(f"wrote {args.json}")
-    if results["errors"] and rc == 0:
-        rc = 1
-    return rc
+    return common.finish(results, args.json, rc)
 
 
 if __name__ == "__main__":

@@ -591,17 +591,12 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(args) + f", {total.seconds / 60:.1f} min")
     print(table)
     print("\n".join(notes))
-    if args.json:
-        common.write_json(args.json, results)
-        log(f"wrote {args.json}")
     if args.doc:
         cmd = ".venv/bin/python scripts/bench/peers.py " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         write_doc(args.doc, f"    {cmd}\n\n{describe(args)}\n\n```\n{table}\n```\n")
         log(f"wrote the table into {args.doc}")
-    if results["errors"] and rc == 0:
-        rc = 1
-    return rc
+    return common.finish(results, args.json, rc)
 
 
 if __name__ == "__main__":

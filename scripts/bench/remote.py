@@ -649,12 +649,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'yes' if common.drop_caches_worked() else 'no'}"
           f"{', PROFILED (timings perturbed)' if args.profile else ''}")
     print(summarize(results))
-    if args.json:
-        common.write_json(args.json, results)
-        log(f"wrote {args.json}")
-    if results["errors"] and rc == 0:
-        rc = 1
-    return rc
+    return common.finish(results, args.json, rc)
 
 
 if __name__ == "__main__":
