@@ -362,11 +362,14 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
               type=click.IntRange(0, None),
               help="Chunks fetched from the remote leave the local page cache once this "
                    "many MiB more were fetched (the mount keeps its own copy; 0: never).")
+@click.option("--dir-readahead/--no-dir-readahead", default=True, show_default=True,
+              help="When a reader takes a directory's files in listing order on a cold "
+                   "cache (cp -r, tar, rsync), fetch the next files before they are opened.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
 def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_only: bool,
           only_branch: str | None, only_commit: str | None, lazy_close: bool,
           metrics_addr: str | None, busy_poll_us: int, drop_behind_mib: int,
-          debug: bool) -> None:
+          dir_readahead: bool, debug: bool) -> None:
     """Mount REPO at MOUNTPOINT (returns once the mount is ready)."""
     from .daemon import MountOptions, start
 
@@ -375,6 +378,7 @@ def mount(repo: str, mountpoint: str, foreground: bool, allow_other: bool, read_
         foreground=foreground, allow_other=allow_other, read_only=read_only,
         branch=only_branch, debug=debug, lazy_close=lazy_close, commit=only_commit,
         metrics_addr=metrics_addr, busy_poll_us=busy_poll_us, drop_behind_mib=drop_behind_mib,
+        dir_readahead=dir_readahead,
     ))
 
 

@@ -59,6 +59,8 @@ class MountOptions:
     #: chunks fetched from the remote leave the page cache once this many MiB
     #: more were fetched (0: never; see chunklog.DropBehind); twice fs.READAHEAD
     drop_behind_mib: int = 128
+    #: fetch the next files of a directory walked on a cold cache (dirahead.py)
+    dir_readahead: bool = True
 
 
 def _mounted(mnt: Path) -> bool:
@@ -242,6 +244,8 @@ def serve(opts: MountOptions, ready_fd: int | None) -> None:
 
     sock_path = run_dir / "control.sock"
     try:
+        if not opts.dir_readahead:
+            ops.dir_ahead = None
         if len(os.sched_getaffinity(0)) >= 2:  # see poll.py
             ops.poller.window = opts.busy_poll_us / 1e6
         trio.run(_main, ops, sock_path, tell, str(opts.mountpoint), opts.drop_behind_mib << 20)

@@ -37,9 +37,11 @@ anything else is logged with a traceback and becomes EIO.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -54,6 +56,7 @@ import pyfuse3
 import trio
 
 from .chunking import chunk_and_hash
+from .dirahead import DirReadahead
 from .errors import JiaoziError, NotFound
 from .filecontent import FileContent
 from .objects import Tree, TreeEntry
@@ -279,6 +282,8 @@ class Ops(pyfuse3.Operations):
         #: set by the daemon when the repository has a remote:
         #: ``await fetcher(chunk_ids)`` brings them into the cache
         self.fetcher: Callable[[list[bytes]], Any] | None = None
+        #: cross-file readahead for readers walking a directory (with a remote)
+        self.dir_ahead: DirReadahead[TreeEntry | Inode] | None = DirReadahead(READAHEAD_STEP)
         if branch is not None:
             # MNT is the branch itself: the training-container layout.
             self.root_alias = repo.root_ino(branch)
@@ -851,6 +856,8 @@ class Ops(pyfuse3.Operations):
                    if not ok]
         if self.metrics is not None:
             self.metrics.cache_hits.inc(len(want) - len(missing))
+        if off == 0:
+            self._walk_ahead(h, bool(missing))
         if missing:
             await self.fetcher(missing)
         if sequential and self.nursery is not None and off + size >= h.ahead:
@@ -873,6 +880,89 @@ class Ops(pyfuse3.Operations):
             if len(later) < len(ahead):
                 cached = set(ahead).difference(later)
                 self.nursery.start_soon(self._willneed, [c for c in ahead if c in cached])
+
+    def _walk_ahead(self, h: Handle, missed: bool) -> None:
+        """Cross-file readahead (see dirahead.py): the file of *h* is read
+        from its start; if its directory is being walked, fetch the chunks
+        of the files that come next in the listing, in the background."""
+        ahead = self.dir_ahead
+        if self.nursery is None or ahead is None:
+            return
+        try:
+            where = self._listing_of(h, missed, ahead)
+            if where is None:
+                return
+            key, pos, after = where
+            items = ahead.first_read(key, pos, missed, after)
+            ids = self._head_ids(items) if items else []
+        except Exception as exc:  # readahead only: never fail the read for it
+            log.debug("directory readahead failed: %s", exc)
+            return
+        if ids:
+            self.nursery.start_soon(self._fetch_quietly, ids)
+
+    def _listing_of(self, h: Handle, missed: bool, ahead: DirReadahead
+                    ) -> tuple[Any, int, Any] | None:
+        """(directory key, position in its listing, ``after``) of the file of
+        *h*, for :class:`DirReadahead`; None when there is nothing to follow
+        (no miss, in a directory not being followed: the warm-cache case)."""
+        if h.snapshot:
+            n = self.snaps.get(h.ino)
+            p = self.snaps.get(n.parent) if n is not None else None
+            if n is None or p is None:
+                return None
+            key: Any = ("snap", p.ino)
+            if not missed and not ahead.watching(key):
+                return None
+            entries = self._tree(p.entry.ref).entries
+            pos = bisect.bisect_left(entries, n.entry.name, key=lambda e: e.name)
+
+            def after_entry(q: int, k: int) -> list[tuple[int, TreeEntry | None, int]]:
+                return [(i, e if e.is_file else None, e.size)
+                        for i, e in enumerate(entries[q + 1 : q + 1 + k], q + 1)]
+
+            return key, pos, after_entry
+        of = self.wt.open_files.get(h.ino)
+        if of is None or not of.inode.links:
+            return None
+        parent, name = of.inode.links[0]
+        key = ("branch", parent)
+        if not missed and not ahead.watching(key):
+            return None
+        seq = self.wt.dirent_seq(parent, name)
+        if seq is None:
+            return None
+
+        def after_dirent(q: int, k: int) -> list[tuple[int, Inode | None, int]]:
+            rows = itertools.islice(self.wt.readdir(parent, q, batch=k), k)
+            return [(s, node if node.is_file else None, node.size) for _, node, s in rows]
+
+        return key, seq, after_dirent
+
+    def _head_ids(self, items: list[TreeEntry | Inode]) -> list[bytes]:
+        """The chunks not cached of the first READAHEAD_STEP bytes of *items*' files."""
+        budget = READAHEAD_STEP
+        want: list[bytes] = []
+        for item in items:
+            if isinstance(item, TreeEntry):
+                content = self.repo.file_content(item.ref)
+            else:
+                of = self.wt.open_files.get(item.ino)
+                if of is not None:
+                    content = of.content
+                elif item.ref:
+                    content = self.repo.file_content(item.ref)
+                else:
+                    continue
+            take = min(content.size, budget)
+            want += content.ids_in_range(0, take)
+            budget -= take
+            if budget <= 0:
+                break
+        verified = self.repo.verified
+        unknown = list(dict.fromkeys(c for c in want if c not in verified))
+        return [c for c, ok in zip(unknown, self.repo.store.has_chunks(unknown), strict=True)
+                if not ok]
 
     def _advise(self, h: Handle, content: FileContent, off: int, size: int) -> None:
         """Local readahead: on a sequential read, have the kernel read the map

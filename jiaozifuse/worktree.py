@@ -309,6 +309,12 @@ class Worktree:
         t.delete("dirents", _dkey(parent, name))
         t.delete("dirseq", _be(parent) + _be(seq))
 
+    def dirent_seq(self, parent: int, name: bytes) -> int | None:
+        """The listing position of *name* in *parent* (see :meth:`readdir`)."""
+        with self.store.read() as r:
+            raw = r.get("dirents", _dkey(parent, name))
+        return from_u64(raw[8:16]) if raw is not None else None
+
     def _child(self, t: Txn, parent: int, name: bytes) -> int | None:
         raw = t.get("dirents", _dkey(parent, name))
         return from_u64(raw[:8]) if raw is not None else None
