@@ -894,12 +894,20 @@ class Ops(pyfuse3.Operations):
                 return
             key, pos, after = where
             items = ahead.first_read(key, pos, missed, after)
-            ids = self._head_ids(items) if items else []
         except Exception as exc:  # readahead only: never fail the read for it
             log.debug("directory readahead failed: %s", exc)
             return
+        if items:  # the files' manifests are read in the task: not this read's delay
+            self.nursery.start_soon(self._fetch_heads, items)
+
+    async def _fetch_heads(self, items: list[TreeEntry | Inode]) -> None:
+        try:
+            ids = self._head_ids(items)
+        except Exception as exc:
+            log.debug("directory readahead failed: %s", exc)
+            return
         if ids:
-            self.nursery.start_soon(self._fetch_quietly, ids)
+            await self._fetch_quietly(ids)
 
     def _listing_of(self, h: Handle, missed: bool, ahead: DirReadahead
                     ) -> tuple[Any, int, Any] | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jiaozifuse.dirahead import MAX_FILES, START_FILES, DirReadahead
 
 
@@ -124,3 +127,30 @@ def test_a_window_ends_where_its_files_fill_a_step() -> None:
     flat = [name for w in windows for name in w]
     # every file after the first two exactly once: no window skips over a stretch
     assert flat == [name for _, name in entries[2:]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 4), st.booleans()), max_size=200),
+       st.integers(1, 5), st.integers(1, 64))
+def test_what_is_asked_for_lies_ahead_of_the_reader_and_is_not_asked_twice(
+        steps, spacing, size_kib) -> None:
+    """Random readers: mostly forward by one or two, sometimes back or further;
+    files hit or miss.  Whatever they do, each window lists files after the one
+    being read, in listing order, and none that an earlier window of the same
+    walk (no seek since) already listed."""
+    entries, after = listing(500, step=spacing, size=size_kib << 10)
+    ra: DirReadahead = DirReadahead(step_bytes=256 << 10)
+    i = 0
+    asked_in_walk: set[str] = set()
+    last = None
+    for delta, missed in steps:
+        i = min(max(i + delta, 0), len(entries) - 1)
+        pos, _ = entries[i]
+        got = ra.first_read("d", pos, missed, after)
+        if last is None or not (0 < i - last <= 2):
+            asked_in_walk = set()  # a seek: a new walk
+        last = i
+        idx = [int(n[1:]) for n in got]
+        assert idx == sorted(idx) and all(j > i for j in idx)
+        assert not asked_in_walk & set(got)
+        asked_in_walk |= set(got)
