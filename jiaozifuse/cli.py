@@ -329,6 +329,9 @@ def remote_status(obj: Ctx, repo_opt: str | None, as_json: bool) -> None:
         if st.get("refusing_writes"):
             click.echo("writes:   refused (ENOSPC): the cache is full of data not yet "
                        "uploaded")
+        elif st.get("cache_full"):
+            click.echo("writes:   waiting for uploads: the cache is full of data not yet "
+                       "uploaded")
         for cf in st["conflicts"]:
             click.echo(f"conflict: {cf['ref']} local {cf['local'][:12]} remote "
                        f"{cf['remote'][:12]}")

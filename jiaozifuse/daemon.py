@@ -343,6 +343,7 @@ async def _main(ops: Any, sock_path: Path, tell: Any, mountpoint: str,
                 ops.metrics.read_bytes.labels("remote").inc(sum(got.values()))
 
         ops.fetcher = fetcher
+        ops.make_room = wb.poke
 
         async def checkpoint() -> None:
             await ops.settle_all()  # no background chunking may run under a flush

@@ -81,6 +81,10 @@ SNAP_TIMEOUT = 3600.0
 BRANCH_TIMEOUT = 60.0
 ROOT_TIMEOUT = 1.0
 NEG_TIMEOUT = 1.0
+#: A write into a cache full of data not yet uploaded waits for the uploads
+#: while they make progress; it fails with ENOSPC once S3 fails, or once no
+#: upload freed anything for this long (see Ops._wait_for_room).
+ROOM_WAIT = 30.0
 BLKSIZE = 128 * 1024
 #: A file's write buffer is chunked in the background once it holds this much.
 SPILL_BYTES = 16 << 20
@@ -282,6 +286,9 @@ class Ops(pyfuse3.Operations):
         #: set by the daemon when the repository has a remote:
         #: ``await fetcher(chunk_ids)`` brings them into the cache
         self.fetcher: Callable[[list[bytes]], Any] | None = None
+        #: set by the daemon when the repository has a remote: asks the
+        #: uploader to send what is queued now (a write waits for room)
+        self.make_room: Callable[[], None] | None = None
         #: cross-file readahead for readers walking a directory (with a remote)
         self.dir_ahead: DirReadahead[TreeEntry | Inode] | None = DirReadahead(READAHEAD_STEP)
         if branch is not None:
@@ -1001,7 +1008,7 @@ class Ops(pyfuse3.Operations):
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
         if not self.repo.cache_room(len(buf)):  # cache full of data S3 lacks
-            raise pyfuse3.FUSEError(errno.ENOSPC)
+            await self._wait_for_room(len(buf))
         of = self.wt.open_files[h.ino]
         h.wrote = True
         self.stats["writes"] = self.stats.get("writes", 0) + 1
@@ -1014,6 +1021,33 @@ class Ops(pyfuse3.Operations):
         if len(of.buf) >= SPILL_BYTES and self.nursery is not None:
             await self._start_spill(h.ino)
         return n
+
+    async def _wait_for_room(self, n: int) -> None:
+        """Backpressure for a writer that outruns the uploads.
+
+        The cache may hold only ``cache_size`` bytes that S3 lacks (they cannot
+        be evicted).  While S3 answers, a write that finds it full waits for
+        uploads to make room, as a writer waits for the page cache's writeback,
+        so that a copy larger than the cache slows to the upload's speed instead
+        of failing half-way.  It fails with ENOSPC (the clear error the outage
+        case needs) as soon as the uploader reports an error, and when nothing
+        was uploaded for :data:`ROOM_WAIT` (room that only this writer's own
+        unflushed buffers could make, for one).  Other requests go on meanwhile.
+        """
+        st = self.repo.upload_state()
+        seen = st.not_durable()
+        deadline = trio.current_time() + ROOM_WAIT
+        while not st.last_error and trio.current_time() < deadline:
+            if self.make_room is not None:
+                self.make_room()
+            await trio.sleep(0.05)
+            if self.repo.cache_room(n):
+                return
+            if st.not_durable() < seen:  # uploads are going through: keep waiting
+                seen = st.not_durable()
+                deadline = trio.current_time() + ROOM_WAIT
+        st.refuse()
+        raise pyfuse3.FUSEError(errno.ENOSPC)
 
     async def _start_spill(self, ino: int) -> None:
         """Chunk and hash a full write buffer in a worker thread.

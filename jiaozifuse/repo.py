@@ -350,6 +350,10 @@ class Repository:
         """
         return writeback.state_of(self.store).room(n)
 
+    def upload_state(self) -> writeback.UploadState:
+        """What the daemon's uploader last said: bytes not yet durable, its last error."""
+        return writeback.state_of(self.store)
+
     def fetch(self) -> dict[str, Any]:
         """Bring the remote's objects and refs; fast-forward what can be."""
         rem = self.remote

@@ -490,17 +490,11 @@ class UploadState:
         return self.pending + self.written
 
     def room(self, n: int) -> bool:
-        """May *n* more bytes be written?  False: the caller answers ENOSPC."""
+        """May *n* more bytes be written now?  False: the caller waits for
+        uploads (see ``fs.Ops._wait_for_room``) or calls :meth:`refuse`."""
         if not self.limit or not self.active or not self.counted:
             return True
         if self.not_durable() + n > self.limit:
-            if not self.refusing:
-                why = (f"S3 is unreachable ({self.last_error})" if self.last_error
-                       else "uploads are behind the writers")
-                log.error("cache full of data not yet uploaded (%d MiB, cache-size %d MiB) "
-                          "and %s: writes fail with ENOSPC until uploads drain",
-                          self.not_durable() >> 20, self.limit >> 20, why)
-                self.refusing = True
             return False
         if self.refusing:
             log.warning("uploads drained (%d MiB not yet uploaded): writes accepted again",
@@ -508,6 +502,17 @@ class UploadState:
             self.refusing = False
         self.written += n
         return True
+
+    def refuse(self) -> None:
+        """A write is answered ENOSPC: say why, once per episode."""
+        if self.refusing or not self.limit:
+            return
+        why = (f"S3 is unreachable ({self.last_error})" if self.last_error
+               else "uploads did not make room in time")
+        log.error("cache full of data not yet uploaded (%d MiB, cache-size %d MiB) "
+                  "and %s: writes fail with ENOSPC until uploads drain",
+                  self.not_durable() >> 20, self.limit >> 20, why)
+        self.refusing = True
 
     def uploaded(self, n: int) -> None:
         """*n* bytes of chunks became durable remotely (counted or just written)."""
@@ -522,10 +527,16 @@ class UploadState:
             "not_durable_bytes": self.not_durable() if self.counted else None,
             "uploading_bytes": self.uploading,
             "last_error": self.last_error,
-            # now, not as the last write found it
-            "refusing_writes": bool(self.limit and self.active and self.counted
-                                    and self.not_durable() >= self.limit),
+            # now, not as the last write found it: full, writes wait for the
+            # uploads while they go through (fs.Ops._wait_for_room); refused
+            # (ENOSPC) while they fail, or since they stopped making room
+            "cache_full": self.full(),
+            "refusing_writes": self.full() and bool(self.last_error or self.refusing),
         }
+
+    def full(self) -> bool:
+        return bool(self.limit and self.active and self.counted
+                    and self.not_durable() >= self.limit)
 
 
 _STATES: weakref.WeakKeyDictionary[Store, UploadState] = weakref.WeakKeyDictionary()

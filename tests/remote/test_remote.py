@@ -446,6 +446,35 @@ def test_outage_fills_the_cache_then_enospc_until_uploads_drain(tmp_path, s3_fre
     assert (out / "after.bin").read_bytes() == more
 
 
+def test_a_copy_larger_than_the_cache_waits_for_uploads_instead_of_failing(
+        tmp_path, bucket, mounts) -> None:
+    """S3 up, a writer faster than the uploads, a file 8 times --cache-size:
+    the writes wait for uploads to make room (backpressure), none fails with
+    ENOSPC, the cache ends under its bound, and every byte reads back."""
+    s3, name = bucket
+    env = s3.env()
+    limit = 16 << 20
+    repo = init_remote(tmp_path, s3, name, "a", "--cache-size", str(limit))
+    m = start_mount_env(repo, tmp_path / "mnt", s3)
+    mounts.append(m)
+    data = blob(128 << 20, 21)
+    with open(m.main / "big.bin", "wb") as f:  # an OSError here fails the test
+        for off in range(0, len(data), 1 << 20):
+            f.write(data[off : off + (1 << 20)])
+    jz("sync", "--wait", cwd=m.main, env=env)
+    deadline = time.monotonic() + 30
+    while True:  # evicted by the uploader's loop once durable
+        st = json.loads(jz("remote", "status", "--json", cwd=m.main, env=env).stdout)
+        if st["cached_chunk_bytes"] <= limit or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert st["cached_chunk_bytes"] <= limit, st
+    assert not st["refusing_writes"], st
+    assert (m.main / "big.bin").read_bytes() == data
+    log = (repo / "run" / "daemon.log").read_text()
+    assert "writes fail with ENOSPC" not in log, log[-3000:]
+
+
 def test_uncached_read_during_an_outage_is_eio_within_a_bound(tmp_path, s3_fresh,
                                                                 mounts) -> None:
     """S3 down and a chunk not in the cache: the read fails with EIO after a
