@@ -17,8 +17,8 @@ back from S3 whole.  Any byte lost or mixed up between writing, uploading,
 evicting and fetching shows as a difference from the model.
 
 (Evicting a chunk before it is uploaded, a mutant tried by hand, went
-unnoticed here: uploads keep up in this setup.  The outage tests in
-test_remote.py are where that would show.)
+unnoticed here: uploads keep up in this setup, so nothing is evicted before
+it is in S3 either way.  This test does not guard that rule.)
 """
 
 from __future__ import annotations
