@@ -18,7 +18,7 @@ evicting and fetching shows as a difference from the model.
 
 (Evicting a chunk before it is uploaded, a mutant tried by hand, went
 unnoticed here: uploads keep up in this setup, so nothing is evicted before
-it is in S3 either way.  This test does not guard that rule.)
+it is in S3 either way.  tests/remote/test_evict.py guards that rule.)
 """
 
 from __future__ import annotations
