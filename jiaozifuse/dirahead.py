@@ -111,6 +111,3 @@ class DirReadahead(Generic[T]):
         walk.trigger = rows[len(rows) // 2][0]
         walk.window = min(MAX_FILES, walk.window * 2)
         return [item for _, item, _ in rows if item is not None]
-
-    def forget(self, key: Hashable) -> None:
-        self._walks.pop(key, None)
