@@ -400,6 +400,28 @@ def fmt_ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}x"
 
 
+def summarize_rounds(results: dict[str, Any], labels: dict[str, str], unit: str,
+                     pairs: Sequence[tuple[str, str]]) -> str:
+    """The table of a benchmark whose rounds are dicts of figure -> value: each
+    figure of *labels* with its median and per-round values, then each ratio
+    a/b of *pairs* (of medians, and per round).  Stores ``results["medians"]``
+    and ``results["ratios"]``."""
+    rounds = results["rounds"]
+    med = {k: median(r[k] for r in rounds if k in r) for k in labels}
+    results["medians"] = med
+    rows = [[label, fmt_num(med[k]), " ".join(f"{r[k]:.0f}" for r in rounds if k in r)]
+            for k, label in labels.items()]
+    lines = [format_table(["figure", f"{unit} (median)", "per round"], rows), ""]
+    results["ratios"] = {}
+    for a, b in pairs:
+        per = [r[a] / r[b] for r in rounds if r.get(a) and r.get(b)]
+        ratio = med[a] / med[b] if med[b] and math.isfinite(med[b]) else math.nan
+        results["ratios"][f"{a}/{b}"] = ratio
+        lines.append(f"{labels[a]} / {labels[b]}: {ratio:.2f}x "
+                     f"(per round {' '.join(f'{x:.2f}' for x in per)})")
+    return "\n".join(lines)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                  left_columns: int = 1) -> str:
     """A plain-text table: the first ``left_columns`` columns left-aligned, the rest

@@ -136,22 +136,7 @@ RATIOS = [("jz_in_s3", "boto3_in_s3"), ("jz_bounded_in_s3", "boto3_in_s3"),
 
 
 def summarize(results: dict) -> str:
-    rounds = results["rounds"]
-    med = {k: common.median([r[k] for r in rounds if k in r]) for k, _ in FIGURES}
-    results["medians"] = med
-    labels = dict(FIGURES)
-    rows = [[label, common.fmt_num(med[k]), " ".join(f"{r[k]:.0f}" for r in rounds if k in r)]
-            for k, label in FIGURES]
-    lines = [common.format_table(["figure", "MiB/s (median)", "per round"], rows,
-                                 left_columns=1), ""]
-    results["ratios"] = {}
-    for a, b in RATIOS:
-        per = [r[a] / r[b] for r in rounds if r.get(a) and r.get(b)]
-        ratio = med[a] / med[b] if med[b] else float("nan")
-        results["ratios"][f"{a}/{b}"] = ratio
-        lines.append(f"{labels[a]} / {labels[b]}: {ratio:.2f}x "
-                     f"(per round {' '.join(f'{x:.2f}' for x in per)})")
-    return "\n".join(lines)
+    return common.summarize_rounds(results, dict(FIGURES), "MiB/s", RATIOS)
 
 
 def main(argv: list[str] | None = None) -> int:

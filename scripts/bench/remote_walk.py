@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -197,21 +196,8 @@ def run(args: argparse.Namespace, res: common.Resources, workdir: Path,
 
 
 def summarize(results: dict) -> str:
-    rounds = results["rounds"]
-    med = {w: common.median([r[w] for r in rounds if w in r]) for w in [*WAYS, WARM]}
-    results["medians"] = med
-    rows = [[LABELS[w], common.fmt_num(med[w]),
-             " ".join(f"{r[w]:.0f}" for r in rounds if w in r)] for w in [*WAYS, WARM]]
-    lines = [common.format_table(["way", "files/s (median)", "per round"], rows,
-                                 left_columns=1), ""]
-    results["ratios"] = {}
-    for a, b in RATIOS:
-        per = [r[a] / r[b] for r in rounds if r.get(a) and r.get(b)]
-        ratio = med[a] / med[b] if med[b] and math.isfinite(med[b]) else math.nan
-        results["ratios"][f"{a}/{b}"] = ratio
-        lines.append(f"{LABELS[a]} / {LABELS[b]}: {ratio:.2f}x "
-                     f"(per round {' '.join(f'{x:.2f}' for x in per)})")
-    return "\n".join(lines)
+    return common.summarize_rounds(results, {w: LABELS[w] for w in [*WAYS, WARM]}, "files/s",
+                                   RATIOS)
 
 
 def main(argv: list[str] | None = None) -> int:
