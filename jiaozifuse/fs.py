@@ -857,10 +857,7 @@ class Ops(pyfuse3.Operations):
         assert self.fetcher is not None
         sequential = _sequential(h, off, size)
         want = content.ids_in_range(off, size)
-        verified = self.repo.verified
-        unknown = [c for c in want if c not in verified]
-        missing = [c for c, ok in zip(unknown, self.repo.store.has_chunks(unknown), strict=True)
-                   if not ok]
+        missing = self._not_cached(want)
         if self.metrics is not None:
             self.metrics.cache_hits.inc(len(want) - len(missing))
         if off == 0:
@@ -974,8 +971,13 @@ class Ops(pyfuse3.Operations):
             budget -= take
             if budget <= 0:
                 break
+        return self._not_cached(list(dict.fromkeys(want)))
+
+    def _not_cached(self, ids: list[bytes]) -> list[bytes]:
+        """The chunks of *ids* the cache lacks (those verified since start-up
+        are known to be there: no lookup)."""
         verified = self.repo.verified
-        unknown = list(dict.fromkeys(c for c in want if c not in verified))
+        unknown = [c for c in ids if c not in verified]
         return [c for c, ok in zip(unknown, self.repo.store.has_chunks(unknown), strict=True)
                 if not ok]
 

@@ -348,7 +348,7 @@ class Repository:
         cache without bound while S3 is unreachable.  Cheap (no LMDB access):
         the daemon's write-back keeps the figures (writeback.UploadState).
         """
-        return writeback.state_of(self.store).room(n)
+        return self.upload_state().room(n)
 
     def upload_state(self) -> writeback.UploadState:
         """What the daemon's uploader last said: bytes not yet durable, its last error."""
